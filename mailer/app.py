@@ -1,0 +1,90 @@
+"""The composition root: the only module that wires ``inbound`` and ``outbound`` to the core.
+
+:class:`Service` owns the listeners, the worker and the sender in one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+from inbound.smtp import IntakeHandler, start_listener
+from mailer.classify import is_own_address
+from mailer.config import Config
+from mailer.db import Database
+from mailer.intake import Stored
+from mailer.models import utcnow
+from mailer.worker import Worker
+from outbound.outbox import Outbox
+from outbound.sender import Sender, Transport, transport_for
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        db: Database | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        transport: Transport | None = None,
+    ) -> None:
+        self.config = config
+        self.db = db or Database(config.database_url)
+        self.outbox = Outbox(config, clock=clock)
+        self.sender = Sender(self.db, transport or transport_for(config.relay_url, config.relay), clock=clock)
+        self.worker = Worker(self.db, config, self.outbox, clock=clock, on_done=self.sender.wake.set)
+        self.servers: dict[str, asyncio.Server] = {}
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def accepts(self, address: str) -> bool:
+        """Recipients we take mail for: the contact and its sub-addresses. Everything else is 550."""
+        return is_own_address(address.strip("<>").lower(), self.config.service.contact)
+
+    def handler(self, transport: str) -> IntakeHandler:
+        return IntakeHandler(self.db, self.accepts, transport=transport, on_stored=self._stored)
+
+    def _stored(self, stored: Stored) -> None:
+        if not stored.duplicate:
+            self.worker.wake.set()
+
+    async def start(self, *, background: bool = True) -> None:
+        """Check the schema, open the listeners, start the worker and sender loops."""
+        await asyncio.to_thread(self.db.check)
+        for name, section in (("smtp", self.config.smtp), ("lmtp", self.config.lmtp)):
+            if section.address is None:
+                continue
+            host, port = section.address
+            server = await start_listener(
+                self.handler(name), host, port, lmtp=name == "lmtp",
+                hostname=self.config.hostname, data_size_limit=section.max_message_size,
+            )
+            self.servers[name] = server
+        if background:
+            self.tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
+            self.tasks.append(asyncio.create_task(self.sender.run(), name="sender"))
+
+    def listening(self) -> dict[str, tuple[str, int]]:
+        """Where each listener is bound (the port is real even when 0 was configured)."""
+        return {name: server.sockets[0].getsockname()[:2] for name, server in self.servers.items()}
+
+    async def stop(self) -> None:
+        for server in self.servers.values():
+            server.close()
+            await server.wait_closed()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.servers.clear()
+        self.tasks.clear()
+
+    async def settle(self) -> None:
+        """Run worker and sender until nothing is due (tests and the benchmark use this)."""
+        while await self.worker.drain() + await self.sender.drain():
+            pass

@@ -1,0 +1,298 @@
+"""The ``mailer`` command line.
+
+``--json`` shapes are a contract (ops scripts depend on them):
+
+- ``reports list --json``: a JSON array of report objects
+  ``{"id", "state", "reporter", "subject", "created_at", "updated_at", "acknowledged_at", "missing_fields", "flags"}``
+  where ``id`` is the tracking id and times are ISO 8601 UTC.
+- ``reports show ID --json``: one report object plus ``"fields"``, ``"messages"``
+  (``{"id", "direction", "kind", "message_id", "sender", "created_at", "body_text", "attachments"}``)
+  and ``"events"`` (``{"id", "at", "kind", "actor", "detail"}``).
+- ``outbox list --json``: an array of ``{"id", "kind", "state", "report", "message_id", "to", "attempts", "created_at", "next_attempt_at", "deliver_until", "sent_at", "last_error"}``.
+- ``failed list --json``: an array of ``{"id", "state", "received_at", "transport", "mail_from", "message_id", "size", "attempts", "failed_step", "last_error"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from mailer import db as dbmod
+from mailer.config import Config, load_config
+from mailer.errors import MailerError, NotFound
+from mailer.models import InboundMessage, InboundState, OutboxMessage, Report
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def report_summary(report: Report) -> dict[str, Any]:
+    return {
+        "id": report.tracking_id,
+        "state": report.state,
+        "reporter": report.reporter,
+        "subject": report.subject,
+        "created_at": _iso(report.created_at),
+        "updated_at": _iso(report.updated_at),
+        "acknowledged_at": _iso(report.acknowledged_at),
+        "missing_fields": list(report.missing_fields),
+        "flags": dict(report.flags),
+    }
+
+
+def report_detail(report: Report) -> dict[str, Any]:
+    data = report_summary(report)
+    data["fields"] = dict(report.fields)
+    data["messages"] = [
+        {
+            "id": m.id,
+            "direction": m.direction,
+            "kind": m.kind,
+            "message_id": m.message_id,
+            "sender": m.sender,
+            "created_at": _iso(m.created_at),
+            "body_text": m.body_text,
+            "attachments": [
+                {"filename": a.filename, "content_type": a.content_type, "size": a.size, "kept": not a.truncated}
+                for a in m.attachments
+            ],
+        }
+        for m in report.messages
+    ]
+    data["events"] = [
+        {"id": e.id, "at": _iso(e.at), "kind": e.kind, "actor": e.actor, "detail": e.detail} for e in report.events
+    ]
+    return data
+
+
+def outbox_row(row: OutboxMessage, tracking: dict[int, str]) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "kind": row.kind,
+        "state": row.state,
+        "report": tracking.get(row.report_id) if row.report_id else None,
+        "message_id": row.message_id,
+        "to": list(row.rcpt_tos),
+        "attempts": row.attempts,
+        "created_at": _iso(row.created_at),
+        "next_attempt_at": _iso(row.next_attempt_at),
+        "deliver_until": _iso(row.deliver_until),
+        "sent_at": _iso(row.sent_at),
+        "last_error": row.last_error,
+    }
+
+
+def failed_row(row: InboundMessage) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "state": row.state,
+        "received_at": _iso(row.received_at),
+        "transport": row.transport,
+        "mail_from": row.mail_from,
+        "message_id": row.message_id,
+        "size": row.size,
+        "attempts": row.attempts,
+        "failed_step": row.failed_step,
+        "last_error": row.last_error,
+    }
+
+
+def _print(data: Any, as_json: bool, text: str) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False) if as_json else text)
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    if not rows:
+        return "(none)"
+    widths = {c: max(len(c), *(len(str(r.get(c) or "")) for r in rows)) for c in columns}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r.get(c) or "").ljust(widths[c])[:80] for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_reports_list(config: Config, args: argparse.Namespace) -> int:
+    db = _open(config)
+    with db.session() as session:
+        rows = [report_summary(r) for r in session.scalars(select(Report).order_by(Report.id))]
+    _print(rows, args.json, _table(rows, ("id", "state", "reporter", "created_at", "subject")))
+    return 0
+
+
+def _report(session: Any, tracking_id: str) -> Report:
+    report = session.scalar(select(Report).where(Report.tracking_id == tracking_id.upper()))
+    if report is None:
+        raise NotFound(f"no report {tracking_id}")
+    return report
+
+
+def cmd_reports_show(config: Config, args: argparse.Namespace) -> int:
+    db = _open(config)
+    with db.session() as session:
+        data = report_detail(_report(session, args.id))
+    if args.json:
+        _print(data, True, "")
+        return 0
+    lines = [f"{k}: {data[k]}" for k in ("id", "state", "reporter", "subject", "created_at", "missing_fields")]
+    for name, value in data["fields"].items():
+        lines.append(f"\n## {name}\n{value}")
+    for m in data["messages"]:
+        lines.append(f"\n--- {m['direction']} {m['kind']} {m['created_at']} {m['sender']} {m['message_id'] or ''}")
+        if m["direction"] == "in":
+            lines.append(m["body_text"])
+    lines.append("\nevents:")
+    lines += [f"  {e['at']} {e['kind']} {e['actor']} {json.dumps(e['detail'])}" for e in data["events"]]
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_outbox_list(config: Config, args: argparse.Namespace) -> int:
+    db = _open(config)
+    with db.session() as session:
+        tracking = dict(session.execute(select(Report.id, Report.tracking_id)).tuples().all())
+        rows = [outbox_row(r, tracking) for r in session.scalars(select(OutboxMessage).order_by(OutboxMessage.id))]
+    _print(rows, args.json, _table(rows, ("id", "kind", "state", "report", "to", "attempts", "last_error")))
+    return 0
+
+
+def cmd_outbox_retry(config: Config, args: argparse.Namespace) -> int:
+    from outbound.outbox import retry
+
+    retry(_open(config), args.id)
+    print(f"outgoing message {args.id} queued for delivery")
+    return 0
+
+
+def cmd_failed_list(config: Config, args: argparse.Namespace) -> int:
+    db = _open(config)
+    states = [InboundState.FAILED.value, InboundState.RETRY.value]
+    with db.session() as session:
+        query = select(InboundMessage).where(InboundMessage.state.in_(states)).order_by(InboundMessage.id)
+        rows = [failed_row(r) for r in session.scalars(query)]
+    _print(rows, args.json, _table(rows, ("id", "state", "received_at", "mail_from", "failed_step", "last_error")))
+    return 0
+
+
+def cmd_failed_retry(config: Config, args: argparse.Namespace) -> int:
+    from mailer.worker import retry_failed
+
+    retry_failed(_open(config), args.id)
+    print(f"message {args.id} queued for processing")
+    return 0
+
+
+def cmd_db_upgrade(config: Config, args: argparse.Namespace) -> int:
+    dbmod.upgrade(config.database_url)
+    print(f"database at {_redacted(config.database_url)} is up to date")
+    return 0
+
+
+def cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    from mailer.app import Service
+
+    async def serve() -> None:
+        service = Service(config)
+        await service.start()
+        for name, (host, port) in service.listening().items():
+            print(f"{name.upper()} listening on {host}:{port}", flush=True)
+        print(f"database: {_redacted(config.database_url)}", flush=True)
+        print(f"outgoing mail (acknowledgements, notices) goes to: {config.relay_url}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await service.stop()
+        service.db.dispose()
+
+    asyncio.run(serve())
+    return 0
+
+
+def _redacted(url: str) -> str:
+    head, sep, tail = url.rpartition("@")
+    if not sep or ":" not in head.split("//", 1)[-1]:
+        return url
+    scheme, _, user = head.partition("//")
+    return f"{scheme}//{user.split(':', 1)[0]}:***@{tail}"
+
+
+def _open(config: Config) -> dbmod.Database:
+    db = dbmod.Database(config.database_url)
+    db.check()
+    return db
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailer", description="security-mailer: the security contact's mailbox")
+    parser.add_argument("--config", help="TOML configuration file (default: $MAILER_CONFIG, else built-in defaults)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("serve", help="run the service").set_defaults(func=cmd_serve)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    db.add_parser("upgrade", help="migrate the schema to this version").set_defaults(func=cmd_db_upgrade)
+
+    reports = sub.add_parser("reports", help="security reports").add_subparsers(dest="reports_command", required=True)
+    p = reports.add_parser("list", help="all reports")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reports_list)
+    p = reports.add_parser("show", help="one report with its messages and events")
+    p.add_argument("id", help="tracking id, e.g. SEC-2026-0001")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_reports_show)
+
+    outbox = sub.add_parser("outbox", help="outgoing mail").add_subparsers(dest="outbox_command", required=True)
+    p = outbox.add_parser("list", help="outgoing mail and its delivery state")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_outbox_list)
+    p = outbox.add_parser("retry", help="deliver a failed message again")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_outbox_retry)
+
+    failed = sub.add_parser("failed", help="received messages that could not be processed").add_subparsers(
+        dest="failed_command", required=True
+    )
+    p = failed.add_parser("list", help="messages waiting for a retry or given up on")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_failed_list)
+    p = failed.add_parser("retry", help="process a failed message again")
+    p.add_argument("id", type=int)
+    p.set_defaults(func=cmd_failed_retry)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not args.verbose:
+        # aiosmtpd logs every SMTP line at INFO; alembic every migration context
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        config = load_config(args.config)
+        return int(args.func(config, args))
+    except MailerError as exc:
+        print(f"mailer: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

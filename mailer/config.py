@@ -1,0 +1,226 @@
+"""Configuration: one TOML file, overridable key by key from the environment.
+
+Read once at the entry point into a typed, validated :class:`Config` and passed
+down. Every key is documented in ``config/mailer.example.toml``. Any key
+``[section] key`` can be overridden by ``MAILER_<SECTION>_<KEY>``; the file is
+named by ``--config`` or ``MAILER_CONFIG``. A wrong value stops the start with
+a :class:`ConfigError` naming the key and the expected form.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from mailer.errors import ConfigError
+
+_HOSTPORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
+_FINGERPRINT = re.compile(r"^[0-9A-F]{40}$")
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (IPv6 in brackets) into its parts."""
+    match = _HOSTPORT.match(value)
+    if not match or not 0 <= int(match["port"]) < 65536:
+        raise ValueError(f"expected HOST:PORT (port 0 picks a free one), got {value!r}")
+    return match["host"].strip("[]"), int(match["port"])
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServiceConfig(_Section):
+    contact: str = "security@example.org"
+    contact_name: str = "Example Security Contact"
+    project: str = "Example"
+    data_dir: Path = Path("./var")
+    tracking_prefix: str = "SEC"
+    ack_sla_hours: int = Field(24, ge=1)
+    acks_per_sender_per_day: int = Field(5, ge=0)
+    hostname: str = ""
+
+    @field_validator("contact")
+    @classmethod
+    def _contact(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}", value):
+            raise ValueError(f"expected an email address like security@example.org, got {value!r}")
+        return value.lower()
+
+    @field_validator("tracking_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Z][A-Z0-9]{1,9}", value):
+            raise ValueError("expected 2-10 upper-case letters or digits, starting with a letter")
+        return value
+
+    @property
+    def contact_domain(self) -> str:
+        return self.contact.rpartition("@")[2]
+
+
+class ListenerConfig(_Section):
+    listen: str = ""
+    max_message_size: int = Field(25 * 1024 * 1024, ge=1024)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value:
+            parse_hostport(value)
+        return value
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return parse_hostport(self.listen) if self.listen else None
+
+
+class SmtpConfig(ListenerConfig):
+    listen: str = "127.0.0.1:8025"
+
+
+class LmtpConfig(ListenerConfig):
+    """LMTP is off unless a listen address is given."""
+
+
+class DatabaseConfig(_Section):
+    url: str = ""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not re.match(r"^(sqlite|postgresql(\+psycopg)?)://", value):
+            raise ValueError("expected sqlite:///PATH or postgresql+psycopg://USER@HOST/DB")
+        return value
+
+
+class RelayConfig(_Section):
+    url: str = ""
+    starttls: bool = False
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    password_file: Path | None = None
+    timeout_seconds: float = Field(30.0, gt=0)
+    retry_hours: float = Field(48.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not re.match(r"^(smtp|smtps)://[^/:]+(:\d+)?/?$|^maildir:.+$", value):
+            raise ValueError("expected smtp://HOST:PORT, smtps://HOST:PORT or maildir:PATH")
+        return value
+
+    def secret(self) -> str:
+        if self.password_file is not None:
+            return self.password_file.read_text().strip()
+        return self.password.get_secret_value()
+
+
+class WorkerConfig(_Section):
+    max_attempts: int = Field(5, ge=1)
+    retry_base_seconds: float = Field(30.0, gt=0)
+    poll_seconds: float = Field(5.0, gt=0)
+
+
+class ParsingConfig(_Section):
+    max_parts: int = Field(200, ge=1)
+    max_depth: int = Field(20, ge=1)
+    max_attachment_bytes: int = Field(10 * 1024 * 1024, ge=0)
+
+
+class Maintainer(_Section):
+    name: str
+    address: str
+    fingerprint: str = ""
+
+    @field_validator("fingerprint")
+    @classmethod
+    def _fpr(cls, value: str) -> str:
+        value = value.replace(" ", "").upper()
+        if value and not _FINGERPRINT.match(value):
+            raise ValueError("expected a 40-hex-digit OpenPGP v4 fingerprint")
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+", value):
+            raise ValueError(f"expected an email address, got {value!r}")
+        return value.lower()
+
+
+class Config(_Section):
+    service: ServiceConfig = ServiceConfig()
+    smtp: SmtpConfig = SmtpConfig()
+    lmtp: LmtpConfig = LmtpConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    relay: RelayConfig = RelayConfig()
+    worker: WorkerConfig = WorkerConfig()
+    parsing: ParsingConfig = ParsingConfig()
+    maintainers: tuple[Maintainer, ...] = ()
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.service.data_dir / 'mailer.db'}"
+
+    @property
+    def relay_url(self) -> str:
+        return self.relay.url or f"maildir:{self.service.data_dir / 'outgoing'}"
+
+    @property
+    def hostname(self) -> str:
+        return self.service.hostname or self.service.contact_domain
+
+
+_SECTIONS = {name: field.annotation for name, field in Config.model_fields.items() if name != "maintainers"}
+
+
+def _env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Apply ``MAILER_<SECTION>_<KEY>`` variables on top of the file's values."""
+    merged = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
+    for section, model in _SECTIONS.items():
+        for key in model.model_fields:  # type: ignore[union-attr]
+            env = f"MAILER_{section}_{key}".upper()
+            if env in environ:
+                merged.setdefault(section, {})[key] = environ[env]
+    return merged
+
+
+def _describe(error: ValidationError, environ: Mapping[str, str]) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        env = "MAILER_" + "_".join(str(p) for p in item["loc"]).upper()
+        origin = f" (from {env})" if env in environ else ""
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{key}{origin}: {message}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (if any) and the environment into a validated Config.
+
+    :raises ConfigError: naming the key and the expected form.
+    """
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("MAILER_CONFIG") or None
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+    try:
+        return Config.model_validate(_env_overrides(raw, environ))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, environ)) from None

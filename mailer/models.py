@@ -1,0 +1,196 @@
+"""Database models (SQLAlchemy 2). The schema is owned by the alembic migrations in ``migrations/``."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend (SQLite has no time zones: store naive UTC)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use mailer.models.utcnow()")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class InboundState(str, enum.Enum):
+    RECEIVED = "received"  # stored, waiting for the worker
+    RETRY = "retry"  # a step failed; retried after next_attempt_at
+    DONE = "done"
+    FAILED = "failed"  # gave up after max attempts; `mailer failed retry ID` replays it
+
+
+class ReportState(str, enum.Enum):
+    NEW = "new"
+    ACKNOWLEDGED = "acknowledged"
+    ACCEPTED = "accepted"
+    SCHEDULED = "scheduled"
+    ANNOUNCED = "announced"
+    PUBLISHED = "published"
+    CLOSED = "closed"
+    REJECTED = "rejected"
+    DUPLICATE = "duplicate"
+
+
+class OutboxState(str, enum.Enum):
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"  # permanent failure or retry deadline passed
+
+
+class InboundMessage(Base):
+    """A message exactly as it was received, stored before the sender was told 250."""
+
+    __tablename__ = "inbound_messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    transport: Mapped[str] = mapped_column(String(16))  # smtp | lmtp | imap
+    peer: Mapped[str] = mapped_column(String(255), default="")
+    mail_from: Mapped[str] = mapped_column(String(998), default="")
+    rcpt_tos: Mapped[list[Any]] = mapped_column(default=list)
+    message_id: Mapped[str | None] = mapped_column(String(998))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    # Redeliveries are recognised by Message-ID *and* content hash together.
+    dedup_key: Mapped[str] = mapped_column(String(1100), unique=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    state: Mapped[str] = mapped_column(String(16), default=InboundState.RECEIVED.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column()
+    failed_step: Mapped[str | None] = mapped_column(String(64))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    classification: Mapped[str | None] = mapped_column(String(32))
+    report_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id"))
+    processed_at: Mapped[datetime | None] = mapped_column()
+
+    __table_args__ = (Index("ix_inbound_state_next", "state", "next_attempt_at"),)
+
+
+class Report(Base):
+    __tablename__ = "reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tracking_id: Mapped[str] = mapped_column(String(32), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default=ReportState.NEW.value, index=True)
+    reporter: Mapped[str] = mapped_column(String(998))
+    subject: Mapped[str] = mapped_column(String(998), default="")
+    fields: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    missing_fields: Mapped[list[Any]] = mapped_column(default=list)
+    flags: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    acknowledged_at: Mapped[datetime | None] = mapped_column()
+
+    messages: Mapped[list[ReportMessage]] = relationship(back_populates="report", order_by="ReportMessage.id")
+    events: Mapped[list[Event]] = relationship(back_populates="report", order_by="Event.id")
+
+
+class ReportMessage(Base):
+    """A message of a report, in either direction."""
+
+    __tablename__ = "report_messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
+    direction: Mapped[str] = mapped_column(String(3))  # in | out
+    kind: Mapped[str] = mapped_column(String(32))  # report | followup | bounce | autoreply | ack | notice
+    message_id: Mapped[str | None] = mapped_column(String(998), index=True)
+    sender: Mapped[str] = mapped_column(String(998), default="")
+    inbound_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"))
+    outbox_id: Mapped[int | None] = mapped_column(ForeignKey("outbox.id"))
+    body_text: Mapped[str] = mapped_column(Text, default="")
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    report: Mapped[Report] = relationship(back_populates="messages")
+    attachments: Mapped[list[Attachment]] = relationship(order_by="Attachment.id")
+
+
+class Attachment(Base):
+    __tablename__ = "attachments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_message_id: Mapped[int] = mapped_column(ForeignKey("report_messages.id"), index=True)
+    filename: Mapped[str] = mapped_column(String(255), default="")
+    content_type: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes | None] = mapped_column(LargeBinary)  # None when over the size cap
+    truncated: Mapped[bool] = mapped_column(default=False)
+
+
+class Event(Base):
+    """Append-only log: who did what to which report, and when."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(998), default="system")
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    inbound_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"))
+
+    report: Mapped[Report | None] = relationship(back_populates="events")
+
+
+class OutboxMessage(Base):
+    """Outgoing mail: durable first, delivered by the sender task."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))  # ack | notice | alert | ...
+    report_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id"), index=True)
+    message_id: Mapped[str] = mapped_column(String(998), unique=True)
+    mail_from: Mapped[str] = mapped_column(String(998))
+    rcpt_tos: Mapped[list[Any]] = mapped_column()
+    # lower-cased recipient the rate limit counts against (acks only)
+    rate_key: Mapped[str | None] = mapped_column(String(998))
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    state: Mapped[str] = mapped_column(String(16), default=OutboxState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deliver_until: Mapped[datetime] = mapped_column()
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column()
+
+    __table_args__ = (
+        Index("ix_outbox_state_next", "state", "next_attempt_at"),
+        Index("ix_outbox_rate", "rate_key", "created_at"),
+    )
+
+
+class Counter(Base):
+    """Named sequences, e.g. the tracking-id number per year."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer, default=0)

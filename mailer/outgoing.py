@@ -1,0 +1,41 @@
+"""What the core asks the outbound side to send: a typed request, not a composed message.
+
+``mailer`` never imports ``outbound``; the composition root hands the workflow
+a :class:`Postman` (``outbound.outbox.Outbox``) that renders, composes and
+queues the mail in the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy.orm import Session
+
+from mailer.models import OutboxMessage
+
+
+class Kind(str, enum.Enum):
+    ACK = "ack"  # auto-reply to a reporter (RFC 3834 rules apply)
+    NOTICE = "notice"  # to maintainers
+    ALERT = "alert"  # something needs a human
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    kind: Kind
+    to: str
+    subject: str
+    template: str
+    context: dict[str, Any] = field(default_factory=dict)
+    report_id: int | None = None
+    in_reply_to: str | None = None
+    references: tuple[str, ...] = ()
+    rate_key: str | None = None
+
+
+class Postman(Protocol):
+    def enqueue(self, session: Session, outgoing: Outgoing) -> OutboxMessage:
+        """Render, compose and add the message to the outbox in ``session``'s transaction."""
+        ...

@@ -1,0 +1,233 @@
+"""Turning received bytes into something the workflow can use, safely.
+
+Everything here treats its input as hostile: line endings are normalised before
+parsing, MIME depth and part count are bounded, and any text that may later
+reach an outgoing header goes through :func:`header_safe`.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from email import policy
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
+from email.utils import getaddresses, parseaddr
+
+from mailer.config import ParsingConfig
+
+# The fields the security policy asks reporters for.
+FIELDS = {
+    "description": "description of the problem",
+    "steps": "precise and detailed steps to reproduce",
+    "versions": "the affected version(s)",
+    "mitigations": "any possible mitigations",
+}
+_FIELD_NAMES = {
+    "description": ("description", "summary", "problem", "details", "issue"),
+    "steps": ("steps", "steps to reproduce", "reproduction", "reproduce", "how to reproduce", "poc", "proof of concept"),
+    "versions": ("versions", "version", "affected versions", "affected version", "affected", "affected version(s)"),
+    "mitigations": ("mitigations", "mitigation", "workaround", "workarounds", "possible mitigations", "fix"),
+}
+_HEADING = re.compile(r"^\s*(?:#{1,6}\s*|\*\*)?(?P<name>[A-Za-z][A-Za-z ()/]{1,40}?)(?:\*\*)?\s*:?\s*(?:\*\*)?\s*$")
+_KEYLINE = re.compile(r"^\s*(?P<name>[A-Za-z][A-Za-z ()/]{1,40}?)\s*:\s+(?P<value>\S.*)$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]")
+
+
+class Unparseable(Exception):
+    """The message is beyond our parsing bounds or malformed; the raw bytes are still kept."""
+
+
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+def normalise_line_endings(raw: bytes) -> bytes:
+    """Return the bytes with LF line endings, the form the parser reads.
+
+    Mail that arrived with CRLF lines (SMTP, LMTP, IMAP) has CRLF as its only
+    line ending: a bare CR or LF inside its header block is not a line break
+    and becomes a space, so it cannot smuggle a header (``Subject: x<LF>X-Loop:
+    ...`` stays one Subject). In the body, bare CR and LF count as line breaks.
+    Mail with no CRLF at all (a local file) uses LF.
+    """
+    if b"\r\n" not in raw:
+        return raw.replace(b"\r", b"\n")
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    head = _BARE.sub(b" ", head).replace(b"\r\n", b"\n")
+    body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return head + (b"\n\n" if sep else b"") + body
+
+
+def header_safe(text: str | None, limit: int = 200) -> str:
+    """Text fit for an outgoing header: no control or line-separator characters, bounded length."""
+    if not text:
+        return ""
+    text = unicodedata.normalize("NFC", str(text))
+    text = _CONTROL.sub(" ", text)
+    text = " ".join(text.split())
+    return text[:limit]
+
+
+@dataclass
+class AttachmentData:
+    filename: str
+    content_type: str
+    data: bytes
+
+
+@dataclass
+class Parsed:
+    """What the workflow needs from a message; ``error`` is set when the body could not be parsed."""
+
+    headers: Message
+    message: EmailMessage | None
+    subject: str
+    from_address: str
+    message_id: str | None
+    references: list[str]
+    body_text: str = ""
+    attachments: list[AttachmentData] = field(default_factory=list)
+    error: str | None = None
+
+    def header(self, name: str) -> str:
+        return str(self.headers.get(name, "") or "")
+
+
+def _msgids(value: str) -> list[str]:
+    return re.findall(r"<[^<>\s]+>", value or "")
+
+
+def _count_structure(raw: bytes, limits: ParsingConfig) -> None:
+    """Refuse, before parsing, what would exhaust the parser (boundary lines are an upper bound on parts)."""
+    parts = raw.count(b"\n--")
+    if parts > 2 * limits.max_parts + 2:
+        raise Unparseable(f"too many MIME parts (more than {limits.max_parts})")
+    if raw.lower().count(b"multipart/") > limits.max_parts:
+        raise Unparseable(f"too many multipart containers (more than {limits.max_parts})")
+
+
+def _depth(message: Message, limits: ParsingConfig) -> None:
+    stack = [(message, 1)]
+    count = 0
+    while stack:
+        part, depth = stack.pop()
+        count += 1
+        if depth > limits.max_depth:
+            raise Unparseable(f"MIME nesting deeper than {limits.max_depth}")
+        if count > limits.max_parts:
+            raise Unparseable(f"more than {limits.max_parts} MIME parts")
+        payload = part.get_payload() if part.is_multipart() else None
+        if isinstance(payload, list):
+            stack.extend((child, depth + 1) for child in payload)
+
+
+def _text_of(part: Message) -> str:
+    try:
+        content = part.get_content()  # type: ignore[attr-defined]
+    except (LookupError, ValueError, AssertionError):
+        payload = part.get_payload(decode=True) or b""
+        content = payload.decode("utf-8", errors="replace") if isinstance(payload, bytes) else str(payload)
+    return content if isinstance(content, str) else content.decode("utf-8", errors="replace")
+
+
+def _walk(message: EmailMessage, limits: ParsingConfig) -> tuple[str, list[AttachmentData]]:
+    texts: list[str] = []
+    attachments: list[AttachmentData] = []
+    for part in message.walk():
+        if part.is_multipart():
+            continue
+        ctype = part.get_content_type()
+        disposition = part.get_content_disposition()
+        if ctype == "text/plain" and disposition != "attachment":
+            texts.append(_text_of(part))
+        elif ctype == "text/html" and disposition != "attachment" and not texts:
+            texts.append(re.sub(r"<[^>]+>", " ", _text_of(part)))
+        else:
+            data = part.get_payload(decode=True)
+            if not isinstance(data, bytes):
+                data = str(part.get_payload()).encode("utf-8", errors="replace")
+            filename = header_safe(part.get_filename() or "", 255)
+            attachments.append(AttachmentData(filename, header_safe(ctype, 255), data))
+    return "\n\n".join(t.strip("\n") for t in texts), attachments
+
+
+def parse_message(raw: bytes, limits: ParsingConfig) -> Parsed:
+    """Parse received bytes; headers always, the body within bounds (else ``error`` says why)."""
+    normalised = normalise_line_endings(raw)
+    headers = BytesParser(policy=policy.default).parsebytes(normalised, headersonly=True)
+    try:
+        subject = str(headers.get("Subject", "") or "")
+    except Exception:  # noqa: BLE001 - a malformed encoded word must not lose the message
+        subject = ""
+    parsed = Parsed(
+        headers=headers,
+        message=None,
+        subject=header_safe(subject, 500),
+        from_address=_first_address(headers),
+        message_id=(_msgids(str(headers.get("Message-ID", "") or "")) or [None])[0],
+        references=_msgids(str(headers.get("In-Reply-To", "") or "")) + _msgids(str(headers.get("References", "") or "")),
+    )
+    try:
+        _count_structure(normalised, limits)
+        message = BytesParser(policy=policy.default).parsebytes(normalised)
+        _depth(message, limits)
+        assert isinstance(message, EmailMessage)
+        parsed.message = message
+        parsed.body_text, parsed.attachments = _walk(message, limits)
+    except Unparseable as exc:
+        parsed.error = str(exc)
+    except RecursionError:
+        parsed.error = "MIME structure too deeply nested"
+    return parsed
+
+
+def _first_address(headers: Message) -> str:
+    """The From address, for display only: never authorise by it."""
+    try:
+        pairs = getaddresses([str(v) for v in headers.get_all("From", [])])
+    except Exception:  # noqa: BLE001
+        return ""
+    for _name, address in pairs:
+        if "@" in address:
+            return header_safe(address, 254).lower()
+    return ""
+
+
+def envelope_address(mail_from: str) -> str:
+    """The envelope sender without angle brackets; '' for the null sender."""
+    address = parseaddr(mail_from or "")[1] or (mail_from or "").strip("<> ")
+    return header_safe(address, 254).lower()
+
+
+def _field_for(name: str) -> str | None:
+    key = name.strip().lower().rstrip(":").strip()
+    for field_name, aliases in _FIELD_NAMES.items():
+        if key in aliases:
+            return field_name
+    return None
+
+
+def extract_fields(text: str) -> tuple[dict[str, str], list[str]]:
+    """Split the body into the policy's fields by headings or ``Key: value`` lines.
+
+    Free text outside any recognised heading falls into ``description``.
+    Returns the fields found and the names of those missing.
+    """
+    found: dict[str, list[str]] = {}
+    current = "description"
+    for line in text.splitlines():
+        heading = _HEADING.match(line)
+        if heading and _field_for(heading["name"]):
+            current = _field_for(heading["name"]) or current
+            continue
+        keyline = _KEYLINE.match(line)
+        if keyline and _field_for(keyline["name"]):
+            current = _field_for(keyline["name"]) or current
+            found.setdefault(current, []).append(keyline["value"])
+            continue
+        found.setdefault(current, []).append(line)
+    fields = {name: "\n".join(lines).strip() for name, lines in found.items()}
+    fields = {name: value for name, value in fields.items() if value}
+    missing = [name for name in FIELDS if name not in fields]
+    return fields, missing

@@ -1,0 +1,131 @@
+"""The worker: runs the pipeline over stored messages, one transaction each.
+
+A message whose step fails is rolled back, marked ``retry`` with the step name
+and error, and tried again after a backoff; after ``max_attempts`` it is
+``failed`` and waits for ``mailer failed retry ID``. It never blocks the
+messages behind it, and it is never deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select
+
+from mailer.config import Config
+from mailer.db import Database
+from mailer.errors import NotFound, StepError
+from mailer.models import InboundMessage, InboundState, utcnow
+from mailer.outgoing import Postman
+from mailer.workflow import PIPELINE, Processing, Step, run_pipeline
+
+log = logging.getLogger(__name__)
+
+BATCH = 50
+
+
+class Worker:
+    def __init__(
+        self,
+        db: Database,
+        config: Config,
+        postman: Postman,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        steps: tuple[Step, ...] = PIPELINE,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        self.db = db
+        self.config = config
+        self.postman = postman
+        self.clock = clock
+        self.steps = steps
+        self.on_done = on_done
+        self.wake = asyncio.Event()
+
+    def due(self) -> list[int]:
+        now = self.clock()
+        with self.db.session() as session:
+            query = (
+                select(InboundMessage.id)
+                .where(InboundMessage.state.in_([InboundState.RECEIVED.value, InboundState.RETRY.value]))
+                .where(or_(InboundMessage.next_attempt_at.is_(None), InboundMessage.next_attempt_at <= now))
+                .order_by(InboundMessage.id)
+                .limit(BATCH)
+            )
+            return list(session.scalars(query))
+
+    def process(self, inbound_id: int) -> bool:
+        """Run the pipeline for one message; True when it completed."""
+        try:
+            with self.db.session() as session:
+                inbound = session.get(InboundMessage, inbound_id)
+                if inbound is None or inbound.state not in (InboundState.RECEIVED.value, InboundState.RETRY.value):
+                    return False
+                ctx = Processing(session, self.config, self.postman, inbound, self.clock())
+                run_pipeline(ctx, self.steps)
+                inbound.state = InboundState.DONE.value
+                inbound.processed_at = ctx.now
+                inbound.failed_step = inbound.last_error = None
+            return True
+        except StepError as exc:
+            self._record_failure(inbound_id, exc.step, exc)
+        except Exception as exc:  # noqa: BLE001 - e.g. the database went away mid-commit
+            self._record_failure(inbound_id, "commit", exc)
+        return False
+
+    def _record_failure(self, inbound_id: int, step: str, exc: BaseException) -> None:
+        log.error("message %s failed in step %s: %s", inbound_id, step, exc, exc_info=exc)
+        with self.db.session() as session:
+            inbound = session.get(InboundMessage, inbound_id)
+            if inbound is None:
+                return
+            inbound.attempts += 1
+            inbound.failed_step = step
+            inbound.last_error = f"{type(exc).__name__}: {exc}"[:4000]
+            if inbound.attempts >= self.config.worker.max_attempts:
+                inbound.state = InboundState.FAILED.value
+                inbound.next_attempt_at = None
+            else:
+                delay = self.config.worker.retry_base_seconds * 2 ** (inbound.attempts - 1)
+                inbound.state = InboundState.RETRY.value
+                inbound.next_attempt_at = self.clock() + timedelta(seconds=delay)
+
+    async def drain(self) -> int:
+        """Process every message due now, each at most once per call; returns how many completed."""
+        done = 0
+        seen: set[int] = set()
+        while ids := [i for i in await asyncio.to_thread(self.due) if i not in seen]:
+            for inbound_id in ids:
+                seen.add(inbound_id)
+                done += await asyncio.to_thread(self.process, inbound_id)
+            if self.on_done is not None:
+                self.on_done()
+        return done
+
+    async def run(self) -> None:
+        """Process on wake-up (new mail) or every ``poll_seconds``."""
+        while True:
+            try:
+                await self.drain()
+            except Exception:  # noqa: BLE001 - the database may be briefly away; keep the loop alive
+                log.exception("worker pass failed; retrying")
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=self.config.worker.poll_seconds)
+            except TimeoutError:
+                pass
+
+
+def retry_failed(db: Database, inbound_id: int) -> None:
+    """Put a failed (or retrying) message back in the queue now."""
+    with db.session() as session:
+        inbound = session.get(InboundMessage, inbound_id)
+        if inbound is None or inbound.state not in (InboundState.FAILED.value, InboundState.RETRY.value):
+            raise NotFound(f"no failed message with id {inbound_id}")
+        inbound.state = InboundState.RETRY.value
+        inbound.next_attempt_at = None
+        inbound.attempts = 0

@@ -1,0 +1,69 @@
+"""The durable outbox: every outgoing mail is a row before anything is sent.
+
+The Message-ID is fixed when the row is created, so a retry after an unknown
+outcome (connection lost after DATA) is recognisable downstream.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from collections.abc import Callable
+from email import policy
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mailer.config import Config
+from mailer.db import Database
+from mailer.errors import NotFound
+from mailer.models import OutboxMessage, OutboxState, utcnow
+from mailer.outgoing import Outgoing
+from outbound.compose import compose, make_environment, new_message_id, render
+
+
+class Outbox:
+    """Implements :class:`mailer.outgoing.Postman`."""
+
+    def __init__(self, config: Config, *, clock: Callable[[], datetime] = utcnow) -> None:
+        self.config = config
+        self.clock = clock
+        self.env = make_environment()
+
+    def enqueue(self, session: Session, outgoing: Outgoing) -> OutboxMessage:
+        now = self.clock()
+        context = {"config": self.config, "service": self.config.service, **outgoing.context}
+        body = render(self.env, outgoing.template, context)
+        message_id = new_message_id(self.config)
+        message = compose(self.config, outgoing, body, message_id=message_id, now=now)
+        row = OutboxMessage(
+            kind=outgoing.kind.value,
+            report_id=outgoing.report_id,
+            message_id=message_id,
+            mail_from=self.config.service.contact,
+            rcpt_tos=[outgoing.to],
+            rate_key=outgoing.rate_key,
+            raw=message.as_bytes(policy=policy.SMTP),
+            created_at=now,
+            next_attempt_at=now,
+            deliver_until=now + timedelta(hours=self.config.relay.retry_hours),
+        )
+        session.add(row)
+        session.flush()
+        return row
+
+
+def retry(db: Database, outbox_id: int, now: datetime | None = None) -> None:
+    """Queue a failed (or waiting) outgoing message for delivery now, with a fresh deadline."""
+    now = now or utcnow()
+    with db.session() as session:
+        row = session.get(OutboxMessage, outbox_id)
+        if row is None or row.state == OutboxState.SENT.value:
+            raise NotFound(f"no unsent outgoing message with id {outbox_id}")
+        row.state = OutboxState.PENDING.value
+        row.next_attempt_at = now
+        row.deliver_until = max(row.deliver_until, now + timedelta(hours=1))
+
+
+def pending_count(db: Database) -> int:
+    with db.session() as session:
+        return len(list(session.scalars(select(OutboxMessage.id).where(OutboxMessage.state == OutboxState.PENDING.value))))
