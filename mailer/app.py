@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 from datetime import datetime
 
 from inbound.smtp import IntakeHandler, start_listener
@@ -40,6 +41,7 @@ class Service:
         self.worker = Worker(self.db, config, self.outbox, clock=clock, on_done=self.sender.wake.set)
         self.servers: dict[str, asyncio.Server] = {}
         self.tasks: list[asyncio.Task[None]] = []
+        self.imap: Any = None  # inbound.imap.ImapPoller when [imap] enabled
 
     def accepts(self, address: str) -> bool:
         """Recipients we take mail for: the contact and its sub-addresses. Everything else is 550."""
@@ -67,6 +69,11 @@ class Service:
         if background:
             self.tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
             self.tasks.append(asyncio.create_task(self.sender.run(), name="sender"))
+        if self.config.imap.enabled:
+            from inbound.imap import ImapPoller
+
+            self.imap = ImapPoller(self.config.imap, self.db, on_stored=self._stored)
+            self.tasks.append(asyncio.create_task(self.imap.run(), name="imap"))
 
     def listening(self) -> dict[str, tuple[str, int]]:
         """Where each listener is bound (the port is real even when 0 was configured)."""

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from mailer.errors import ConfigError
 
@@ -122,6 +122,42 @@ class RelayConfig(_Section):
         return self.password.get_secret_value()
 
 
+class ImapConfig(_Section):
+    enabled: bool = False
+    host: str = ""
+    port: int = Field(993, ge=1, le=65535)
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    password_file: Path | None = None
+    mailbox: str = "INBOX"
+    processed_mailbox: str = "Processed"
+    security: str = "tls"
+    ca_file: Path | None = None
+    poll_seconds: float = Field(60.0, gt=0)
+    idle_seconds: float = Field(240.0, gt=0)
+    max_message_size: int = Field(25 * 1024 * 1024, ge=1024)
+
+    @field_validator("security")
+    @classmethod
+    def _security(cls, value: str) -> str:
+        if value not in ("tls", "starttls", "none"):
+            raise ValueError("expected tls, starttls or none")
+        return value
+
+    @model_validator(mode="after")
+    def _cleartext_only_on_loopback(self) -> "ImapConfig":
+        if self.enabled and not self.host:
+            raise ValueError("imap.host is required when imap.enabled is true")
+        if self.enabled and self.security == "none" and self.host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError("imap.security = none is only allowed for a loopback host")
+        return self
+
+    def secret(self) -> str:
+        if self.password_file is not None:
+            return self.password_file.read_text().strip()
+        return self.password.get_secret_value()
+
+
 class WorkerConfig(_Section):
     max_attempts: int = Field(5, ge=1)
     retry_base_seconds: float = Field(30.0, gt=0)
@@ -161,6 +197,7 @@ class Config(_Section):
     lmtp: LmtpConfig = LmtpConfig()
     database: DatabaseConfig = DatabaseConfig()
     relay: RelayConfig = RelayConfig()
+    imap: ImapConfig = ImapConfig()
     worker: WorkerConfig = WorkerConfig()
     parsing: ParsingConfig = ParsingConfig()
     maintainers: tuple[Maintainer, ...] = ()
