@@ -45,14 +45,16 @@ _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 def normalise_line_endings(raw: bytes) -> bytes:
     """Return the bytes with LF line endings, the form the parser reads.
 
-    Mail that arrived with CRLF lines (SMTP, LMTP, IMAP) has CRLF as its only
-    line ending: a bare CR or LF inside its header block is not a line break
-    and becomes a space, so it cannot smuggle a header (``Subject: x<LF>X-Loop:
-    ...`` stays one Subject). In the body, bare CR and LF count as line breaks.
-    Mail with no CRLF at all (a local file) uses LF.
+    A message whose first line ends in CRLF (the wire form: SMTP, LMTP, IMAP)
+    has CRLF as its only line ending: a bare CR or LF inside its header block
+    is not a line break and becomes a space, so it cannot smuggle a header
+    (``Subject: x<LF>X-Loop: ...`` stays one Subject, as a strict MTA reads
+    it). In the body, bare CR and LF count as line breaks. A message written
+    with bare LFs from its first line on (a local file, a sloppy client) uses LF.
     """
-    if b"\r\n" not in raw:
-        return raw.replace(b"\r", b"\n")
+    first = raw.find(b"\n")
+    if first <= 0 or raw[first - 1 : first] != b"\r":
+        return raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     head, sep, body = raw.partition(b"\r\n\r\n")
     head = _BARE.sub(b" ", head).replace(b"\r\n", b"\n")
     body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
