@@ -16,8 +16,7 @@ from typing import Any
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailer.db import Database
-from mailer.intake import Stored, store_inbound
+from mailer.intake import IntakeWriter, Received, Stored
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +31,13 @@ class IntakeHandler:
 
     def __init__(
         self,
-        db: Database,
+        writer: IntakeWriter,
         accepts: Callable[[str], bool],
         *,
         transport: str = "smtp",
         on_stored: Callable[[Stored], None] | None = None,
     ) -> None:
-        self.db = db
+        self.writer = writer
         self.accepts = accepts
         self.transport = transport
         self.on_stored = on_stored
@@ -55,15 +54,8 @@ class IntakeHandler:
         raw = envelope.original_content or b""
         assert isinstance(raw, bytes)
         peer = session.peer if isinstance(session.peer, str) else ":".join(map(str, session.peer or ()))
-        stored = await asyncio.to_thread(
-            store_inbound,
-            self.db,
-            raw,
-            transport=self.transport,
-            peer=peer,
-            mail_from=str(envelope.mail_from or ""),
-            rcpt_tos=list(envelope.rcpt_tos),
-        )
+        received = Received(raw, self.transport, peer, str(envelope.mail_from or ""), tuple(envelope.rcpt_tos))
+        stored = await self.writer.store(received)
         self.stored(stored)
         return OK_DUPLICATE if stored.duplicate else OK
 

@@ -16,7 +16,7 @@ from inbound.smtp import IntakeHandler, start_listener
 from mailer.classify import is_own_address
 from mailer.config import Config
 from mailer.db import Database
-from mailer.intake import Stored
+from mailer.intake import IntakeWriter, Stored
 from mailer.models import utcnow
 from mailer.worker import Worker
 from outbound.outbox import Outbox
@@ -36,6 +36,7 @@ class Service:
     ) -> None:
         self.config = config
         self.db = db or Database(config.database_url)
+        self.writer = IntakeWriter(self.db)
         self.outbox = Outbox(config, clock=clock)
         self.sender = Sender(self.db, transport or transport_for(config.relay_url, config.relay), clock=clock)
         self.worker = Worker(self.db, config, self.outbox, clock=clock, on_done=self.sender.wake.set)
@@ -48,7 +49,7 @@ class Service:
         return is_own_address(address.strip("<>").lower(), self.config.service.contact)
 
     def handler(self, transport: str) -> IntakeHandler:
-        return IntakeHandler(self.db, self.accepts, transport=transport, on_stored=self._stored)
+        return IntakeHandler(self.writer, self.accepts, transport=transport, on_stored=self._stored)
 
     def _stored(self, stored: Stored) -> None:
         if not stored.duplicate:
@@ -84,8 +85,10 @@ class Service:
             server.close()
             await server.wait_closed()
         for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
+            # Cancel until done: on 3.11 a wait_for inside a library can swallow one cancel.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=1)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.servers.clear()

@@ -161,7 +161,7 @@ def cmd_reports_show(config: Config, args: argparse.Namespace) -> int:
 def cmd_outbox_list(config: Config, args: argparse.Namespace) -> int:
     db = _open(config)
     with db.session() as session:
-        tracking = dict(session.execute(select(Report.id, Report.tracking_id)).tuples().all())
+        tracking = {row[0]: row[1] for row in session.execute(select(Report.id, Report.tracking_id))}
         rows = [outbox_row(r, tracking) for r in session.scalars(select(OutboxMessage).order_by(OutboxMessage.id))]
     _print(rows, args.json, _table(rows, ("id", "kind", "state", "report", "to", "attempts", "last_error")))
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,10 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL + synchronous=FULL: a commit is on disk before we answer 250.
+    # isolation_level=None hands transaction control to the "begin" hook below
+    # (pysqlite would otherwise start the transaction only at the first write,
+    # leaving earlier reads outside it).
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
@@ -36,6 +41,8 @@ def make_engine(url: str) -> Engine:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
+        # Take the write lock at BEGIN: a transaction never has to upgrade a stale read snapshot.
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
@@ -71,11 +78,18 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer; queueing our own threads on a lock is far cheaper
+        # than letting them sleep in SQLite's busy handler. PostgreSQL needs none.
+        self._write_lock: threading.RLock | None = threading.RLock() if url.startswith("sqlite") else None
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session whose transaction commits on success and rolls back on error."""
-        with self._sessions() as session, session.begin():
+        if self._write_lock is None:
+            with self._sessions() as session, session.begin():
+                yield session
+            return
+        with self._write_lock, self._sessions() as session, session.begin():
             yield session
 
     def check(self) -> None:

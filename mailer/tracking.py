@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from mailer.models import Counter
@@ -22,12 +22,12 @@ def find(prefix: str, text: str) -> str | None:
 
 
 def allocate(session: Session, prefix: str, now: datetime) -> str:
-    """Next id for the year of ``now``; the counter row is locked until the transaction ends."""
+    """Next id for the year of ``now``: one atomic increment, safe with concurrent workers."""
     name = f"tracking-{prefix}-{now.year}"
-    counter = session.scalar(select(Counter).where(Counter.name == name).with_for_update())
-    if counter is None:
-        counter = Counter(name=name, value=0)
-        session.add(counter)
-    counter.value += 1
-    session.flush()
-    return f"{prefix}-{now.year}-{counter.value:04d}"
+    bump = update(Counter).where(Counter.name == name).values(value=Counter.value + 1).returning(Counter.value)
+    value = session.scalar(bump)
+    if value is None:
+        session.add(Counter(name=name, value=1))
+        session.flush()
+        value = 1
+    return f"{prefix}-{now.year}-{value:04d}"

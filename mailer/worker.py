@@ -9,6 +9,7 @@ messages behind it, and it is never deleted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -108,16 +109,18 @@ class Worker:
 
     async def run(self) -> None:
         """Process on wake-up (new mail) or every ``poll_seconds``."""
-        while True:
+        me = asyncio.current_task()
+        while me is None or not me.cancelling():  # a library may have swallowed our cancel (gh-86296)
+            # Clear before draining: a wake-up that arrives during the pass is not lost.
+            self.wake.clear()
             try:
                 await self.drain()
             except Exception:  # noqa: BLE001 - the database may be briefly away; keep the loop alive
                 log.exception("worker pass failed; retrying")
-            self.wake.clear()
-            try:
-                await asyncio.wait_for(self.wake.wait(), timeout=self.config.worker.poll_seconds)
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel (CPython gh-86296).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.worker.poll_seconds):
+                    await self.wake.wait()
 
 
 def retry_failed(db: Database, inbound_id: int) -> None:

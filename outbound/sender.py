@@ -9,6 +9,7 @@ aiosmtplib's types stop here: callers see :class:`DeliveryError`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import mailbox
 import os
@@ -148,26 +149,31 @@ class Sender:
             )
 
     async def drain(self) -> int:
-        """Attempt every due message once; returns how many were sent."""
+        """Attempt every message due now once; returns how many were sent."""
         sent = 0
-        for row in await asyncio.to_thread(self._due):
-            error: DeliveryError | None = None
-            try:
-                await self.transport.send(Envelope(row.mail_from, list(row.rcpt_tos), row.raw))
-            except DeliveryError as exc:
-                error = exc
-            await asyncio.to_thread(self._record, row.id, error)
-            sent += error is None
+        seen: set[int] = set()
+        while rows := [row for row in await asyncio.to_thread(self._due) if row.id not in seen]:
+            for row in rows:
+                seen.add(row.id)
+                error: DeliveryError | None = None
+                try:
+                    await self.transport.send(Envelope(row.mail_from, list(row.rcpt_tos), row.raw))
+                except DeliveryError as exc:
+                    error = exc
+                await asyncio.to_thread(self._record, row.id, error)
+                sent += error is None
         return sent
 
     async def run(self, poll_seconds: float = 5.0) -> None:
-        while True:
+        me = asyncio.current_task()
+        while me is None or not me.cancelling():  # a library may have swallowed our cancel (gh-86296)
+            # Clear before draining: a wake-up that arrives during the pass is not lost.
+            self.wake.clear()
             try:
                 await self.drain()
             except Exception:  # noqa: BLE001 - keep delivering once the database is back
                 log.exception("sender pass failed; retrying")
-            self.wake.clear()
-            try:
-                await asyncio.wait_for(self.wake.wait(), timeout=poll_seconds)
-            except TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel (CPython gh-86296).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(poll_seconds):
+                    await self.wake.wait()

@@ -109,7 +109,7 @@ class CrashAfterCommit(IntakeHandler):
 
 class CrashingService(Service):
     def handler(self, transport: str) -> IntakeHandler:
-        return CrashAfterCommit(self.db, self.accepts, transport=transport, on_stored=self._stored)
+        return CrashAfterCommit(self.writer, self.accepts, transport=transport, on_stored=self._stored)
 
 
 async def test_redelivery_after_crash_between_commit_and_250_gives_one_report(config: Config, relay: CaptureRelay) -> None:
