@@ -39,7 +39,9 @@ class Service:
         self.writer = IntakeWriter(self.db)
         self.outbox = Outbox(config, clock=clock)
         self.sender = Sender(self.db, transport or transport_for(config.relay_url, config.relay), clock=clock)
-        self.worker = Worker(self.db, config, self.outbox, clock=clock, on_done=self.sender.wake.set)
+        self.worker = Worker(
+            self.db, config, self.outbox, clock=clock, on_done=self.sender.wake.set, intake_busy=lambda: self.writer.busy
+        )
         self.servers: dict[str, asyncio.Server] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.imap: Any = None  # inbound.imap.ImapPoller when [imap] enabled

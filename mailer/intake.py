@@ -107,12 +107,21 @@ class IntakeWriter:
         self._task: asyncio.Task[None] | None = None
         self.in_flight = 0
 
+    #: after a commit, the edge counts as busy this long (seconds): the next DATA of a burst is usually on its way
+    QUIET = 0.05
+
     @property
     def busy(self) -> bool:
-        return bool(self._queue) or self.in_flight > 0
+        """True while DATA commands wait for their commit, or a burst seems to be going on."""
+        recent = asyncio.get_running_loop().time() - self._last < self.QUIET
+        return bool(self._queue) or self.in_flight > 0 or recent
+
+    _last = float("-inf")
 
     async def store(self, item: Received) -> Stored:
-        future: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._last = loop.time()
+        future: asyncio.Future[Stored] = loop.create_future()
         self._queue.append((item, future))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._flush(), name="intake-writer")
@@ -134,3 +143,4 @@ class IntakeWriter:
                         future.set_result(result)
             finally:
                 self.in_flight = 0
+                self._last = asyncio.get_running_loop().time()

@@ -38,6 +38,7 @@ class Worker:
         clock: Callable[[], datetime] = utcnow,
         steps: tuple[Step, ...] = PIPELINE,
         on_done: Callable[[], None] | None = None,
+        intake_busy: Callable[[], bool] | None = None,
     ) -> None:
         self.db = db
         self.config = config
@@ -45,6 +46,7 @@ class Worker:
         self.clock = clock
         self.steps = steps
         self.on_done = on_done
+        self.intake_busy = intake_busy
         self.wake = asyncio.Event()
 
     def due(self) -> list[int]:
@@ -102,10 +104,20 @@ class Worker:
         while ids := [i for i in await asyncio.to_thread(self.due) if i not in seen]:
             for inbound_id in ids:
                 seen.add(inbound_id)
+                await self._yield_to_intake()
                 done += await asyncio.to_thread(self.process, inbound_id)
             if self.on_done is not None:
                 self.on_done()
         return done
+
+    async def _yield_to_intake(self, limit: float = 2.0) -> None:
+        """Let pending DATA commits go first: a sender waiting for 250 matters more than an ack's latency."""
+        if self.intake_busy is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while self.intake_busy() and loop.time() < deadline:
+            await asyncio.sleep(0.005)
 
     async def run(self) -> None:
         """Process on wake-up (new mail) or every ``poll_seconds``."""
