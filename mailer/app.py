@@ -15,6 +15,7 @@ from datetime import datetime
 from inbound.smtp import IntakeHandler, start_listener
 from mailer.classify import is_own_address
 from mailer.config import Config
+from mailer.crypto import OpenPGP, check_versions
 from mailer.db import Database
 from mailer.intake import IntakeWriter, Stored
 from mailer.models import utcnow
@@ -37,10 +38,14 @@ class Service:
         self.config = config
         self.db = db or Database(config.database_url)
         self.writer = IntakeWriter(self.db)
-        self.outbox = Outbox(config, clock=clock)
+        self.gpg = OpenPGP(
+            str(config.gnupg_home), passphrase=config.gnupg.secret(),
+            timeout=config.gnupg.timeout_seconds, max_output=config.gnupg.max_output_bytes,
+        )
+        self.outbox = Outbox(config, self.gpg, clock=clock)
         self.sender = Sender(self.db, transport or transport_for(config.relay_url, config.relay), clock=clock)
         self.worker = Worker(
-            self.db, config, self.outbox, clock=clock, on_done=self.sender.wake.set, intake_busy=lambda: self.writer.busy
+            self.db, config, self.outbox, gpg=self.gpg, clock=clock, on_done=self.sender.wake.set, intake_busy=lambda: self.writer.busy
         )
         self.servers: dict[str, asyncio.Server] = {}
         self.tasks: list[asyncio.Task[None]] = []
@@ -57,9 +62,34 @@ class Service:
         if not stored.duplicate:
             self.worker.wake.set()
 
+    def _prepare_keys(self) -> str:
+        check_versions()
+        service = self.config.service
+        fingerprint = self.gpg.ensure_service_key(service.contact_name, service.contact, self.config.gnupg.secret())
+        self.outbox.fingerprint = fingerprint
+        self.outbox.public_key = self.gpg.export_public(fingerprint)
+        for maintainer in self.config.maintainers:
+            problem = self.maintainer_key_problem(maintainer.fingerprint)
+            if problem:
+                log.warning("maintainer %s: %s; they get notices without report content", maintainer.address, problem)
+        return fingerprint
+
+    def maintainer_key_problem(self, fingerprint: str) -> str | None:
+        if not fingerprint:
+            return "no fingerprint configured"
+        info = self.gpg.key_info(fingerprint)
+        if info is None:
+            return f"key {fingerprint} is not in the keyring (mailer keys import FILE)"
+        return info.problem
+
+    @property
+    def fingerprint(self) -> str:
+        return self.outbox.fingerprint
+
     async def start(self, *, background: bool = True) -> None:
-        """Check the schema, open the listeners, start the worker and sender loops."""
+        """Check the schema and the service key, open the listeners, start the worker and sender loops."""
         await asyncio.to_thread(self.db.check)
+        await asyncio.to_thread(self._prepare_keys)
         for name, section in (("smtp", self.config.smtp), ("lmtp", self.config.lmtp)):
             if section.address is None:
                 continue

@@ -17,6 +17,7 @@ class Kind(str, enum.Enum):
     BOUNCE = "bounce"
     AUTOREPLY = "autoreply"
     IGNORED = "ignored"
+    SENDKEY = "sendkey"
 
 
 def is_bounce(parsed: Parsed, envelope_from: str) -> bool:

@@ -158,6 +158,28 @@ class ImapConfig(_Section):
         return self.password.get_secret_value()
 
 
+class GnupgConfig(_Section):
+    home: Path | None = None
+    passphrase: SecretStr = SecretStr("")
+    passphrase_file: Path | None = None
+    sendkey_suffix: str = "sendkey"
+    allow_cleartext_to_maintainers: bool = False
+    timeout_seconds: float = Field(30.0, gt=0)
+    max_output_bytes: int = Field(32 * 1024 * 1024, ge=1024 * 1024)
+
+    @field_validator("sendkey_suffix")
+    @classmethod
+    def _suffix(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9]{1,32}", value):
+            raise ValueError("expected 1-32 lower-case letters or digits")
+        return value
+
+    def secret(self) -> str | None:
+        if self.passphrase_file is not None:
+            return self.passphrase_file.read_text().strip() or None
+        return self.passphrase.get_secret_value() or None
+
+
 class WorkerConfig(_Section):
     max_attempts: int = Field(5, ge=1)
     retry_base_seconds: float = Field(30.0, gt=0)
@@ -198,6 +220,7 @@ class Config(_Section):
     database: DatabaseConfig = DatabaseConfig()
     relay: RelayConfig = RelayConfig()
     imap: ImapConfig = ImapConfig()
+    gnupg: GnupgConfig = GnupgConfig()
     worker: WorkerConfig = WorkerConfig()
     parsing: ParsingConfig = ParsingConfig()
     maintainers: tuple[Maintainer, ...] = ()
@@ -209,6 +232,15 @@ class Config(_Section):
     @property
     def relay_url(self) -> str:
         return self.relay.url or f"maildir:{self.service.data_dir / 'outgoing'}"
+
+    @property
+    def gnupg_home(self) -> Path:
+        return self.gnupg.home or self.service.data_dir / "gnupg"
+
+    @property
+    def sendkey_address(self) -> str:
+        local, _, domain = self.service.contact.partition("@")
+        return f"{local}-{self.gnupg.sendkey_suffix}@{domain}"
 
     @property
     def hostname(self) -> str:

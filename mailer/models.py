@@ -194,3 +194,20 @@ class Counter(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ReportKey(Base):
+    """An OpenPGP key a reporter sent: used only to encrypt to that reporter on that report.
+
+    It is never imported into the service keyring, so it can authorise nothing.
+    """
+
+    __tablename__ = "report_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
+    fingerprint: Mapped[str] = mapped_column(String(64), default="")
+    key_blob: Mapped[bytes] = mapped_column(LargeBinary)
+    source: Mapped[str] = mapped_column(String(32))  # attachment | autocrypt
+    inbound_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

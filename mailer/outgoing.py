@@ -33,6 +33,16 @@ class Outgoing:
     in_reply_to: str | None = None
     references: tuple[str, ...] = ()
     rate_key: str | None = None
+    # OpenPGP: every message is signed by the service key. encrypt_to names
+    # pinned keys in the service keyring (maintainers); key_blob is a reporter's
+    # own key, used for this message only and never imported.
+    encrypt_to: tuple[str, ...] = ()
+    key_blob: bytes | None = None
+    attach_key: bool = False
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.encrypt_to or self.key_blob)
 
 
 class Postman(Protocol):

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import or_, select
 
 from mailer.config import Config
+from mailer.crypto import OpenPGP
 from mailer.db import Database
 from mailer.errors import NotFound, StepError
 from mailer.models import InboundMessage, InboundState, utcnow
@@ -35,6 +36,7 @@ class Worker:
         config: Config,
         postman: Postman,
         *,
+        gpg: OpenPGP | None = None,
         clock: Callable[[], datetime] = utcnow,
         steps: tuple[Step, ...] = PIPELINE,
         on_done: Callable[[], None] | None = None,
@@ -43,6 +45,7 @@ class Worker:
         self.db = db
         self.config = config
         self.postman = postman
+        self.gpg = gpg
         self.clock = clock
         self.steps = steps
         self.on_done = on_done
@@ -68,7 +71,7 @@ class Worker:
                 inbound = session.get(InboundMessage, inbound_id)
                 if inbound is None or inbound.state not in (InboundState.RECEIVED.value, InboundState.RETRY.value):
                     return False
-                ctx = Processing(session, self.config, self.postman, inbound, self.clock())
+                ctx = Processing(session, self.config, self.postman, inbound, self.clock(), gpg=self.gpg)
                 run_pipeline(ctx, self.steps)
                 inbound.state = InboundState.DONE.value
                 inbound.processed_at = ctx.now

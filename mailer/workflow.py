@@ -1,6 +1,6 @@
 """Processing a received message: a visible list of named steps.
 
-    PIPELINE = (parse, classify, file, acknowledge, notify_maintainers)
+    PIPELINE = (parse, unwrap_openpgp, classify, answer_sendkey, file, bind_keys, acknowledge, notify_maintainers)
 
 Each step takes the :class:`Processing` context and may set ``stop`` to end
 the pipeline early. All steps of one message run in one database transaction:
@@ -11,9 +11,11 @@ or not at all. A step that raises is recorded by the worker (see
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 from datetime import datetime, timedelta
 
 from email_validator import EmailNotValidError, validate_email
@@ -23,6 +25,7 @@ from sqlalchemy.orm import Session
 from mailer import classify, tracking
 from mailer.classify import Kind
 from mailer.config import Config
+from mailer.crypto import CryptoError, OpenPGP
 from mailer.errors import StepError
 from mailer.models import (
     Attachment,
@@ -30,14 +33,20 @@ from mailer.models import (
     InboundMessage,
     OutboxMessage,
     Report,
+    ReportKey,
     ReportMessage,
     ReportState,
 )
 from mailer.outgoing import Kind as MailKind
 from mailer.outgoing import Outgoing, Postman
-from mailer.parsing import FIELDS, Parsed, envelope_address, extract_fields, parse_message
+from mailer.parsing import FIELDS, AttachmentData, Parsed, envelope_address, extract_fields, header_safe, parse_message
+from mailer.pgpmime import Unwrapped, unwrap
+
+log = logging.getLogger(__name__)
 
 _ANY_MSGID = re.compile(rb"<[\x21-\x3b\x3d\x3f-\x7e]{1,250}>")
+_OPENPGP = re.compile(rb"-----BEGIN PGP |application/pgp-|multipart/(encrypted|signed)|^autocrypt:", re.I | re.M)
+_PGP_CONTROL_TYPES = ("application/pgp-keys", "application/pgp-encrypted", "application/pgp-signature")
 
 
 @dataclass
@@ -54,6 +63,11 @@ class Processing:
     kind: Kind | None = None
     report: Report | None = None
     report_message: ReportMessage | None = None
+    gpg: OpenPGP | None = None
+    pgp: Unwrapped | None = None
+    # the sender wrote encrypted (whether or not we could decrypt it)
+    encrypted_input: bool = False
+    protected_subject: str = ""
     stop: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -76,6 +90,51 @@ def parse(ctx: Processing) -> None:
     ctx.parsed = parse_message(ctx.inbound.raw, ctx.config.parsing)
 
 
+def unwrap_openpgp(ctx: Processing) -> None:
+    """Decrypt and verify over the raw bytes as received; only encrypted parts count as the report's text."""
+    raw = ctx.inbound.raw
+    if ctx.gpg is None or not _OPENPGP.search(raw[:2_000_000]):
+        return
+    pgp = ctx.pgp = unwrap(raw, ctx.gpg)
+    p = ctx.p
+    ctx.encrypted_input = pgp.encrypted or bool(re.search(rb"multipart/encrypted|-----BEGIN PGP MESSAGE-----", raw, re.I))
+    if pgp.encrypted:
+        p.body_text = "\n\n".join(part.text for part in pgp.text_parts if part.encrypted)
+        ctx.protected_subject = header_safe(pgp.protected_headers.get("Subject", ""), 500)
+    elif pgp.text_parts:
+        p.body_text = "\n\n".join(part.text for part in pgp.text_parts)
+    if pgp.text_parts or pgp.attachments:
+        p.attachments = [
+            AttachmentData(header_safe(a.filename or "", 255), header_safe(a.content_type, 255), a.data)
+            for a in pgp.attachments
+            if a.content_type not in _PGP_CONTROL_TYPES
+        ]
+
+
+def openpgp_summary(pgp: Unwrapped | None) -> dict[str, object]:
+    """What the report records per message about its protection."""
+    if pgp is None:
+        return {"encrypted": False, "signed": False}
+    return {
+        "encrypted": pgp.encrypted,
+        "partly_encrypted": pgp.partly_encrypted,
+        "signed": any(part.signed for part in pgp.text_parts),
+        "errors": list(pgp.errors),
+        "parts": [
+            {
+                "encrypted": part.encrypted,
+                "signed": part.signed,
+                "signature_valid": part.signature_valid,
+                "signer": part.signer_fpr,
+                "signature_reason": part.signature_reason,
+            }
+            for part in pgp.text_parts
+        ],
+        # plaintext that came beside the encrypted part: kept apart, never merged
+        "outside_text": [part.text for part in pgp.text_parts if pgp.encrypted and not part.encrypted],
+    }
+
+
 def _report_by_references(ctx: Processing, msgids: list[str]) -> Report | None:
     if not msgids:
         return None
@@ -86,7 +145,8 @@ def _report_by_references(ctx: Processing, msgids: list[str]) -> Report | None:
 
 
 def _report_by_tracking_id(ctx: Processing) -> Report | None:
-    tracking_id = tracking.find(ctx.config.service.tracking_prefix, ctx.p.subject)
+    prefix = ctx.config.service.tracking_prefix
+    tracking_id = tracking.find(prefix, ctx.p.subject) or tracking.find(prefix, ctx.protected_subject)
     if tracking_id is None:
         return None
     return ctx.session.scalar(select(Report).where(Report.tracking_id == tracking_id))
@@ -100,6 +160,10 @@ def _embedded_msgids(raw: bytes) -> list[str]:
 
 def classify_message(ctx: Processing) -> None:
     p = ctx.p
+    rcpts = {str(r).strip("<>").lower() for r in ctx.inbound.rcpt_tos}
+    if ctx.config.sendkey_address in rcpts and ctx.config.service.contact not in rcpts:
+        ctx.kind = Kind.SENDKEY
+        return
     if classify.is_bounce(p, ctx.envelope_from):
         ctx.kind = Kind.BOUNCE
         ctx.report = _report_by_references(ctx, p.references + _embedded_msgids(ctx.inbound.raw))
@@ -112,6 +176,32 @@ def classify_message(ctx: Processing) -> None:
         ctx.kind = Kind.FOLLOWUP if ctx.report is not None else Kind.NEW
 
 
+def answer_sendkey(ctx: Processing) -> None:
+    """Mail to the -sendkey sub-address is answered with the service's public key (RFC 3834 rules apply)."""
+    if ctx.kind is not Kind.SENDKEY:
+        return
+    ctx.inbound.classification = Kind.SENDKEY.value
+    ctx.stop = True
+    reason = _ack_blocked(ctx)
+    if reason is not None:
+        ctx.event("sendkey.suppressed", reason=reason)
+        return
+    outbox = ctx.postman.enqueue(
+        ctx.session,
+        Outgoing(
+            kind=MailKind.ACK,
+            to=ctx.envelope_from,
+            subject=f"OpenPGP key of {ctx.config.service.contact}",
+            template="sendkey.txt.j2",
+            in_reply_to=ctx.p.message_id,
+            references=(ctx.p.message_id,) if ctx.p.message_id else (),
+            rate_key=ctx.envelope_from,
+            attach_key=True,
+        ),
+    )
+    ctx.event("sendkey.queued", message_id=outbox.message_id, to=ctx.envelope_from)
+
+
 def _add_report_message(ctx: Processing, kind: str) -> ReportMessage:
     p = ctx.p
     message = ReportMessage(
@@ -122,7 +212,13 @@ def _add_report_message(ctx: Processing, kind: str) -> ReportMessage:
         sender=ctx.envelope_from or p.from_address,
         inbound_id=ctx.inbound.id,
         body_text=p.body_text,
-        meta={"from_header": p.from_address, "subject": p.subject, "unparseable": p.error},
+        meta={
+            "from_header": p.from_address,
+            "subject": p.subject,
+            "protected_subject": ctx.protected_subject,
+            "unparseable": p.error,
+            "openpgp": openpgp_summary(ctx.pgp),
+        },
         created_at=ctx.now,
     )
     ctx.session.add(message)
@@ -145,14 +241,21 @@ def _add_report_message(ctx: Processing, kind: str) -> ReportMessage:
 def _new_report(ctx: Processing) -> Report:
     p = ctx.p
     fields, missing = extract_fields(p.body_text) if p.error is None else ({}, list(FIELDS))
+    flags: dict[str, object] = {"unparseable": p.error} if p.error else {}
+    if ctx.encrypted_input:
+        flags["encrypted"] = True
+    if ctx.pgp is not None and ctx.pgp.partly_encrypted:
+        flags["partly_encrypted"] = True
+    if ctx.pgp is not None and ctx.pgp.errors:
+        flags["openpgp_error"] = ctx.pgp.reason
     report = Report(
         tracking_id=tracking.allocate(ctx.session, ctx.config.service.tracking_prefix, ctx.now),
         state=ReportState.NEW.value,
         reporter=ctx.envelope_from or p.from_address,
-        subject=p.subject,
+        subject=ctx.protected_subject or p.subject,
         fields=fields,
         missing_fields=missing,
-        flags={"unparseable": p.error} if p.error else {},
+        flags=flags,
         created_at=ctx.now,
         updated_at=ctx.now,
     )
@@ -168,6 +271,8 @@ def file(ctx: Processing) -> None:
         ctx.event("report.filed", tracking_id=ctx.report.tracking_id, missing=ctx.report.missing_fields)
         if ctx.p.error:
             ctx.event("message.unparseable", reason=ctx.p.error)
+        if ctx.pgp is not None and ctx.pgp.errors:
+            ctx.event("openpgp.problem", reason=ctx.pgp.reason, errors=list(ctx.pgp.errors))
     elif ctx.report is not None:
         _add_report_message(ctx, ctx.kind.value if ctx.kind else "followup")
         ctx.report.updated_at = ctx.now
@@ -209,6 +314,24 @@ def _ack_blocked(ctx: Processing) -> str | None:
     return reason
 
 
+def bind_keys(ctx: Processing) -> None:
+    """Keys in the reporter's mail are kept for answering that reporter on that report, nothing else."""
+    if ctx.pgp is None or not ctx.pgp.keys_found or ctx.report is None:
+        return
+    from_reporter = ctx.kind is Kind.NEW or (ctx.kind is Kind.FOLLOWUP and ctx.envelope_from == ctx.report.reporter)
+    if not from_reporter:
+        return
+    for blob in ctx.pgp.keys_found[:3]:
+        ctx.session.add(ReportKey(report=ctx.report, key_blob=blob, source="message", inbound_id=ctx.inbound.id, created_at=ctx.now))
+    ctx.event("openpgp.reporter_key", count=min(len(ctx.pgp.keys_found), 3))
+
+
+def reporter_key(session: Session, report: Report) -> bytes | None:
+    """The newest key the reporter sent for this report, if any."""
+    query = select(ReportKey.key_blob).where(ReportKey.report_id == report.id).order_by(ReportKey.id.desc()).limit(1)
+    return session.scalar(query)
+
+
 def acknowledge(ctx: Processing) -> None:
     if ctx.kind is not Kind.NEW or ctx.report is None:
         return
@@ -217,25 +340,31 @@ def acknowledge(ctx: Processing) -> None:
     if reason is not None:
         ctx.event("ack.suppressed", reason=reason)
         return
+    ctx.session.flush()
+    key_blob = reporter_key(ctx.session, report)
     references = tuple(ctx.p.references[-10:]) + ((ctx.p.message_id,) if ctx.p.message_id else ())
-    outbox = ctx.postman.enqueue(
-        ctx.session,
-        Outgoing(
-            kind=MailKind.ACK,
-            to=ctx.envelope_from,
-            subject=f"[{report.tracking_id}] Re: {report.subject}" if report.subject else f"[{report.tracking_id}] Your security report",
-            template="ack.txt.j2",
-            context={"report": report, "missing": [FIELDS[m] for m in report.missing_fields]},
-            report_id=report.id,
-            in_reply_to=ctx.p.message_id,
-            references=references,
-            rate_key=ctx.envelope_from,
-        ),
+    if ctx.encrypted_input:
+        # Generic text only: whoever sent it may be replaying someone else's ciphertext.
+        subject = f"[{report.tracking_id}] Your encrypted report was received"
+        template, context = "ack_encrypted.txt.j2", {"report": report, "have_key": key_blob is not None}
+    else:
+        subject = f"[{report.tracking_id}] Re: {report.subject}" if report.subject else f"[{report.tracking_id}] Your security report"
+        template, context = "ack.txt.j2", {"report": report, "missing": [FIELDS[m] for m in report.missing_fields]}
+    outgoing = Outgoing(
+        kind=MailKind.ACK, to=ctx.envelope_from, subject=subject, template=template, context=context,
+        report_id=report.id, in_reply_to=ctx.p.message_id, references=references, rate_key=ctx.envelope_from,
+        key_blob=key_blob, attach_key=key_blob is None,
     )
+    try:
+        outbox = ctx.postman.enqueue(ctx.session, outgoing)
+    except CryptoError as exc:
+        ctx.event("ack.reporter_key_unusable", reason=str(exc))
+        context["have_key"] = False
+        outbox = ctx.postman.enqueue(ctx.session, _replace(outgoing, key_blob=None, attach_key=True))
     _record_outgoing(ctx, outbox, "ack")
     report.state = ReportState.ACKNOWLEDGED.value
     report.acknowledged_at = ctx.now
-    ctx.event("ack.queued", message_id=outbox.message_id, to=ctx.envelope_from)
+    ctx.event("ack.queued", message_id=outbox.message_id, to=ctx.envelope_from, encrypted=outgoing.key_blob is not None)
 
 
 def _record_outgoing(ctx: Processing, outbox: OutboxMessage, kind: str) -> None:
@@ -253,28 +382,59 @@ def _record_outgoing(ctx: Processing, outbox: OutboxMessage, kind: str) -> None:
     )
 
 
+def _maintainer_key_problem(ctx: Processing, fingerprint: str) -> str | None:
+    if not fingerprint:
+        return "no fingerprint configured"
+    if ctx.gpg is None:
+        return "no OpenPGP keyring"
+    info = ctx.gpg.key_info(fingerprint)
+    if info is None:
+        return f"key {fingerprint} is not in the keyring"
+    return info.problem
+
+
 def notify_maintainers(ctx: Processing) -> None:
-    """Tell maintainers something arrived; report content only travels encrypted (OpenPGP issue)."""
+    """Report content reaches maintainers only encrypted to their pinned key (fail closed)."""
     if ctx.report is None or ctx.kind not in (Kind.NEW, Kind.FOLLOWUP):
         return
-    template = "notice_new.txt.j2" if ctx.kind is Kind.NEW else "notice_followup.txt.j2"
     label = "New report" if ctx.kind is Kind.NEW else "Follow-up"
+    allow_clear = ctx.config.gnupg.allow_cleartext_to_maintainers
     for maintainer in ctx.config.maintainers:
+        problem = _maintainer_key_problem(ctx, maintainer.fingerprint)
+        detailed = problem is None or allow_clear
+        if problem is not None:
+            log.warning("notice to %s %s report content: %s", maintainer.address,
+                        "carries" if allow_clear else "omits", problem)
+            ctx.event("notice.without_encryption", to=maintainer.address, reason=problem, content_included=allow_clear)
         outbox = ctx.postman.enqueue(
             ctx.session,
             Outgoing(
                 kind=MailKind.NOTICE,
                 to=maintainer.address,
                 subject=f"[{ctx.report.tracking_id}] {label}",
-                template=template,
-                context={"report": ctx.report, "maintainer": maintainer, "message": ctx.report_message},
+                template="notice.txt.j2",
+                context={
+                    "report": ctx.report, "maintainer": maintainer, "message": ctx.report_message,
+                    "label": label, "detailed": detailed, "key_problem": problem,
+                    "openpgp": openpgp_summary(ctx.pgp), "attachments": ctx.p.attachments,
+                },
                 report_id=ctx.report.id,
+                encrypt_to=(maintainer.fingerprint,) if problem is None else (),
             ),
         )
         _record_outgoing(ctx, outbox, "notice")
 
 
-PIPELINE: tuple[Step, ...] = (parse, classify_message, file, acknowledge, notify_maintainers)
+PIPELINE: tuple[Step, ...] = (
+    parse,
+    unwrap_openpgp,
+    classify_message,
+    answer_sendkey,
+    file,
+    bind_keys,
+    acknowledge,
+    notify_maintainers,
+)
 
 
 def run_pipeline(ctx: Processing, steps: tuple[Step, ...] = PIPELINE) -> None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from collections.abc import Callable
 from email import policy
+from email.message import EmailMessage
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mailer.config import Config
+from mailer.crypto import CryptoError, OpenPGP
+from mailer.pgpmime import build_encrypted, build_signed
 from mailer.db import Database
 from mailer.errors import NotFound
 from mailer.models import OutboxMessage, OutboxState, utcnow
@@ -22,19 +25,39 @@ from outbound.compose import compose, make_environment, new_message_id, render
 
 
 class Outbox:
-    """Implements :class:`mailer.outgoing.Postman`."""
+    """Implements :class:`mailer.outgoing.Postman`: render, compose, sign/encrypt, queue."""
 
-    def __init__(self, config: Config, *, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, config: Config, gpg: OpenPGP | None = None, *, clock: Callable[[], datetime] = utcnow) -> None:
         self.config = config
+        self.gpg = gpg
         self.clock = clock
         self.env = make_environment()
+        # the service key, set once at start (see Service.start): no gpg call per message
+        self.fingerprint = ""
+        self.public_key = ""
+
+    def _protect(self, message: EmailMessage, outgoing: Outgoing) -> EmailMessage:
+        """Sign everything; encrypt when asked. :raises CryptoError: when a key is unusable."""
+        if self.gpg is None:
+            if outgoing.encrypted:
+                raise CryptoError("encryption requested but the service has no OpenPGP keyring")
+            return message
+        if outgoing.attach_key:
+            message.add_attachment(
+                self.public_key.encode("ascii"), maintype="application", subtype="pgp-keys",
+                filename=f"{self.config.service.contact}.asc",
+            )
+        if outgoing.encrypted:
+            return build_encrypted(message, self.gpg, list(outgoing.encrypt_to), key_blob=outgoing.key_blob, sign=True)
+        return build_signed(message, self.gpg)
 
     def enqueue(self, session: Session, outgoing: Outgoing) -> OutboxMessage:
         now = self.clock()
-        context = {"config": self.config, "service": self.config.service, **outgoing.context}
+        context = {"config": self.config, "service": self.config.service, "key_fingerprint": self.fingerprint,
+                   **outgoing.context}
         body = render(self.env, outgoing.template, context)
         message_id = new_message_id(self.config)
-        message = compose(self.config, outgoing, body, message_id=message_id, now=now)
+        message = self._protect(compose(self.config, outgoing, body, message_id=message_id, now=now), outgoing)
         row = OutboxMessage(
             kind=outgoing.kind.value,
             report_id=outgoing.report_id,

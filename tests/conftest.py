@@ -8,8 +8,11 @@ database). Under CI=true a component that cannot start fails the test run.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
+import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,8 +22,9 @@ import psycopg
 import pytest
 
 from mailer.app import Service
-from mailer.config import Config, load_config
-from mailer.db import Database, upgrade
+from mailer.config import Config
+from mailer.crypto import OpenPGP
+from mailer.db import upgrade
 from tests.relay import CaptureRelay
 
 PG_ADMIN = os.environ.get("MAILER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -68,6 +72,47 @@ async def relay() -> AsyncIterator[CaptureRelay]:
     await relay.stop()
 
 
+_HOMES: list[str] = []
+
+
+@functools.cache
+def _service_key_template() -> str:
+    """One service key per test session (key generation is the slow part); each test gets a copy."""
+    home = tempfile.mkdtemp(prefix="gt", dir="/tmp")
+    gpg = OpenPGP(home)
+    gpg.ensure_service_key("Example Security Contact", "security@example.org")
+    gpg.kill_agent()
+    return home
+
+
+def gnupg_home() -> str:
+    """A private, short (socket paths are limited) GNUPGHOME holding the test service key."""
+    home = tempfile.mkdtemp(prefix="gh", dir="/tmp")
+    shutil.copytree(_service_key_template(), home, dirs_exist_ok=True, ignore=shutil.ignore_patterns("S.*", "*.lock"))
+    _HOMES.append(home)
+    return home
+
+
+def _kill_home(home: str) -> None:
+    subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True, timeout=10, check=False)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _gnupg_homes() -> Iterator[None]:
+    """Stop the gpg-agents of the homes a test created, and remove them."""
+    yield
+    while _HOMES:
+        _kill_home(_HOMES.pop())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _gnupg_template_cleanup() -> Iterator[None]:
+    yield
+    if _service_key_template.cache_info().currsize:
+        _kill_home(_service_key_template())
+
+
 MAINTAINERS = [
     {"name": "Mara Maintainer", "address": "mara@project.test", "fingerprint": ""},
     {"name": "Max Maintainer", "address": "max@project.test", "fingerprint": ""},
@@ -82,6 +127,7 @@ def make_config(tmp_path: Path, db_url: str, relay_url: str, **sections: dict[st
         "database": {"url": db_url},
         "relay": {"url": relay_url},
         "worker": {"retry_base_seconds": 0.01},
+        "gnupg": {"home": gnupg_home()},
         "maintainers": MAINTAINERS,
     }
     for name, values in sections.items():

@@ -23,6 +23,16 @@ class Captured:
         assert isinstance(msg, EmailMessage)
         return msg
 
+    @property
+    def text(self) -> str:
+        """The first text/plain part (our mail is signed: multipart/signed around the text)."""
+        for part in self.message.walk():
+            if part.get_content_type() == "text/plain":
+                content = part.get_content()
+                assert isinstance(content, str)
+                return content
+        raise AssertionError("no text/plain part")
+
 
 @dataclass
 class CaptureHandler:

@@ -67,7 +67,7 @@ async def test_report_fields_are_parsed_and_missing_ones_named(service: Service,
     assert report.fields["versions"] == "1.0 to 1.4"
     assert report.fields["description"] == "Intro text."
     assert report.missing_fields == ["mitigations"]
-    ack = relay.handler.to(REPORTER)[0].message.get_content()
+    ack = relay.handler.to(REPORTER)[0].text
     assert "any possible mitigations" in ack
     assert "the affected version(s)" not in ack
     assert report.tracking_id in ack
@@ -304,7 +304,7 @@ async def test_ack_body_tells_tracking_id_and_next_steps(service: Service, relay
     """The acknowledgement states the tracking id, what happens next and how to encrypt."""
     await asend(smtp_port(service), report_bytes())
     await service.settle()
-    text = relay.handler.to(REPORTER)[0].message.get_content()
+    text = relay.handler.to(REPORTER)[0].text
     assert "SEC-" in text and "What happens next" in text and "OpenPGP" in text
 
 
