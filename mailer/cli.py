@@ -9,6 +9,8 @@
   (``{"id", "direction", "kind", "message_id", "sender", "created_at", "body_text", "attachments"}``)
   and ``"events"`` (``{"id", "at", "kind", "actor", "detail"}``).
 - ``outbox list --json``: an array of ``{"id", "kind", "state", "report", "message_id", "to", "attempts", "created_at", "next_attempt_at", "deliver_until", "sent_at", "last_error"}``.
+- ``keys list --json``: an array of ``{"fingerprint", "uids", "created", "expires", "revoked", "expired", "can_encrypt", "can_sign", "usable", "problem", "roles"}``; ``keys show FPR --json`` is one such object.
+- ``imap import --since DATE --json``: ``{"imported": N}``.
 - ``failed list --json``: an array of ``{"id", "state", "received_at", "transport", "mail_from", "message_id", "size", "attempts", "failed_step", "last_error"}``.
 """
 
@@ -21,14 +23,14 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import select
 
 from mailer import db as dbmod
 from mailer.config import Config, load_config
-from mailer.errors import MailerError, NotFound
+from mailer.errors import ConfigError, MailerError, NotFound
 from mailer.models import InboundMessage, InboundState, OutboxMessage, Report
 
 EXIT_ERROR = 1
@@ -205,6 +207,8 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     async def serve() -> None:
         service = Service(config)
         await service.start()
+        print(f"service OpenPGP key: {service.fingerprint} ({config.service.contact_name} <{config.service.contact}>)")
+        print(f"key requests: mail to {config.sendkey_address}; export with `mailer keys export`")
         for name, (host, port) in service.listening().items():
             print(f"{name.upper()} listening on {host}:{port}", flush=True)
         print(f"database: {_redacted(config.database_url)}", flush=True)
@@ -233,6 +237,90 @@ def _open(config: Config) -> dbmod.Database:
     db = dbmod.Database(config.database_url)
     db.check()
     return db
+
+
+def _keyring(config: Config) -> Any:
+    from mailer.crypto import OpenPGP
+
+    return OpenPGP(str(config.gnupg_home), passphrase=config.gnupg.secret(), timeout=config.gnupg.timeout_seconds)
+
+
+def key_row(info: Any, config: Config) -> dict[str, Any]:
+    roles = [f"maintainer {m.address}" for m in config.maintainers if m.fingerprint == info.fingerprint]
+    if info.has_secret:
+        roles.append("service key")
+    return {
+        "fingerprint": info.fingerprint,
+        "uids": list(info.uids),
+        "created": _iso(info.created),
+        "expires": _iso(info.expires),
+        "revoked": info.revoked,
+        "expired": info.expired,
+        "can_encrypt": info.can_encrypt,
+        "can_sign": info.can_sign,
+        "usable": info.problem is None,
+        "problem": info.problem,
+        "roles": roles,
+    }
+
+
+def cmd_keys_list(config: Config, args: argparse.Namespace) -> int:
+    rows = [key_row(k, config) for k in _keyring(config).list_keys()]
+    text = "\n".join(
+        f"{r['fingerprint']}  {'usable' if r['usable'] else r['problem']:<10}  {', '.join(r['uids'])}"
+        + (f"  [{'; '.join(r['roles'])}]" if r["roles"] else "")
+        for r in rows
+    )
+    _print(rows, args.json, text or "(no keys)")
+    return 0
+
+
+def cmd_keys_show(config: Config, args: argparse.Namespace) -> int:
+    info = _keyring(config).key_info(args.fingerprint)
+    if info is None:
+        raise NotFound(f"no key {args.fingerprint} in {config.gnupg_home}")
+    row = key_row(info, config)
+    _print(row, args.json, "\n".join(f"{k}: {v}" for k, v in row.items()))
+    return 0
+
+
+def _read(path: str) -> bytes:
+    return sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+
+
+def cmd_keys_import(config: Config, args: argparse.Namespace) -> int:
+    fingerprints = _keyring(config).import_public(_read(args.file))
+    for fpr in fingerprints:
+        print(f"imported {fpr}")
+    return 0
+
+
+def cmd_keys_import_secret(config: Config, args: argparse.Namespace) -> int:
+    fingerprints = _keyring(config).import_secret(_read(args.file), config.gnupg.secret())
+    for fpr in fingerprints:
+        print(f"imported secret key {fpr}")
+    return 0
+
+
+def cmd_keys_export(config: Config, args: argparse.Namespace) -> int:
+    from mailer.crypto import check_versions
+
+    check_versions()
+    gpg = _keyring(config)
+    service = config.service
+    fingerprint = gpg.ensure_service_key(service.contact_name, service.contact, config.gnupg.secret())
+    print(gpg.export_public(fingerprint), end="")
+    return 0
+
+
+def cmd_imap_import(config: Config, args: argparse.Namespace) -> int:
+    from inbound.imap import import_since
+
+    if not config.imap.host:
+        raise ConfigError("imap.host is required (set [imap] host or MAILER_IMAP_HOST)")
+    count = asyncio.run(import_since(config.imap, _open(config), args.since))
+    _print({"imported": count}, args.json, f"imported {count} message(s)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,6 +360,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = failed.add_parser("retry", help="process a failed message again")
     p.add_argument("id", type=int)
     p.set_defaults(func=cmd_failed_retry)
+
+    keys = sub.add_parser("keys", help="OpenPGP keys").add_subparsers(dest="keys_command", required=True)
+    p = keys.add_parser("list", help="keys in the service keyring, with usability and role")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keys_list)
+    p = keys.add_parser("show", help="one key with expiry and usability")
+    p.add_argument("fingerprint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keys_show)
+    p = keys.add_parser("import", help="import public keys (maintainers, embargo list members); FILE or -")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_keys_import)
+    p = keys.add_parser("import-secret", help="use your own service key instead of the generated one")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_keys_import_secret)
+    keys.add_parser("export", help="print the service's public key (generated if missing)").set_defaults(
+        func=cmd_keys_export
+    )
+
+    imap = sub.add_parser("imap", help="IMAP mailbox intake").add_subparsers(dest="imap_command", required=True)
+    p = imap.add_parser("import", help="take messages already read in the mailbox, from a date on")
+    p.add_argument("--since", type=date.fromisoformat, required=True, help="YYYY-MM-DD")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_imap_import)
     return parser
 
 
@@ -286,6 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # aiosmtpd logs every SMTP line at INFO; alembic every migration context
         logging.getLogger("mail.log").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        logging.getLogger("aioimaplib").setLevel(logging.WARNING)
     try:
         config = load_config(args.config)
         return int(args.func(config, args))
