@@ -53,6 +53,7 @@ class MaildirTransport:
         self.path = path
 
     def _write(self, raw: bytes) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         box = mailbox.Maildir(str(self.path), create=True)
         key = box.add(raw)
         fd = os.open(os.path.join(self.path, "new", key), os.O_RDONLY)

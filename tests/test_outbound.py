@@ -1,0 +1,124 @@
+"""The outbox and the sender: durable rows, retries with backoff, permanent failures, deadlines."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+
+from mailer.app import Service
+from mailer.config import Config
+from mailer.models import Event, OutboxMessage, utcnow
+from outbound.sender import MaildirTransport, Sender, SmtpTransport
+from tests.conftest import make_config, smtp_port
+from tests.relay import CaptureRelay
+from tests.test_intake import asend, report_bytes
+
+
+def rows(service: Service) -> list[OutboxMessage]:
+    with service.db.session() as s:
+        return list(s.scalars(select(OutboxMessage).order_by(OutboxMessage.id)))
+
+
+def make_due(service: Service) -> None:
+    with service.db.session() as s:
+        s.execute(update(OutboxMessage).values(next_attempt_at=utcnow()))
+
+
+async def queue_one(service: Service) -> None:
+    await asend(smtp_port(service), report_bytes())
+    await service.worker.drain()
+
+
+async def test_temporary_failure_is_retried_with_the_same_message_id(service: Service, relay: CaptureRelay) -> None:
+    """A 451 from the relay leaves the row pending with a later attempt; the retry sends the same bytes."""
+    await queue_one(service)
+    relay.handler.replies = ["451 4.7.1 try later"] * 3
+    await service.sender.drain()
+    pending = rows(service)
+    assert {r.state for r in pending} == {"pending"}
+    assert all(r.attempts == 1 and r.next_attempt_at > utcnow() and "451" in (r.last_error or "") for r in pending)
+    make_due(service)
+    await service.sender.drain()
+    sent = rows(service)
+    assert {r.state for r in sent} == {"sent"}
+    assert sorted(m.raw for m in relay.messages) == sorted(r.raw for r in sent)
+
+
+async def test_permanent_failure_is_recorded_at_once(service: Service, relay: CaptureRelay, caplog: pytest.LogCaptureFixture) -> None:
+    """A 550 marks the message failed immediately, with an event and an ALERT in the log."""
+    await queue_one(service)
+    relay.handler.replies = ["550 5.1.1 no such user"] * 3
+    with caplog.at_level(logging.ERROR):
+        await service.sender.drain()
+    failed = rows(service)
+    assert {r.state for r in failed} == {"failed"}
+    assert "550" in (failed[0].last_error or "")
+    assert "ALERT" in caplog.text
+    with service.db.session() as s:
+        events = list(s.scalars(select(Event).where(Event.kind == "delivery.failed")))
+    assert len(events) == 3 and events[0].detail["reason"] == "permanent failure"
+
+
+async def test_deadline_turns_temporary_failures_into_failed(service: Service, relay: CaptureRelay) -> None:
+    """After deliver_until a temporary failure is final."""
+    await queue_one(service)
+    with service.db.session() as s:
+        s.execute(update(OutboxMessage).values(deliver_until=utcnow() - timedelta(seconds=1)))
+    relay.handler.replies = ["421 4.3.2 shutting down"] * 3
+    await service.sender.drain()
+    assert {r.state for r in rows(service)} == {"failed"}
+
+
+async def test_unreachable_relay_is_temporary(tmp_path: Path, migrated: str) -> None:
+    """A relay that refuses connections is a temporary failure, retried later."""
+    svc = Service(make_config(tmp_path, migrated, "smtp://127.0.0.1:1"))
+    await svc.start(background=False)
+    try:
+        await queue_one(svc)
+        await svc.sender.drain()
+        pending = rows(svc)
+        assert {r.state for r in pending} == {"pending"}
+        assert "unreachable" in (pending[0].last_error or "")
+    finally:
+        await svc.stop()
+        svc.db.dispose()
+
+
+async def test_maildir_transport_is_the_default(tmp_path: Path, migrated: str) -> None:
+    """Without a relay the acknowledgement lands in <data_dir>/outgoing/new, CRLF-serialised."""
+    cfg = make_config(tmp_path, migrated, "")
+    svc = Service(cfg)
+    await svc.start(background=False)
+    try:
+        await asend(smtp_port(svc), report_bytes())
+        await svc.settle()
+        assert {r.state for r in rows(svc)} == {"sent"}, [r.last_error for r in rows(svc)]
+        files = sorted((cfg.service.data_dir / "outgoing" / "new").iterdir())
+        assert len(files) == 3  # the ack and two maintainer notices
+        raws = [f.read_bytes() for f in files]
+        assert any(b"To: rita@reporter.test\r\n" in raw for raw in raws)
+    finally:
+        await svc.stop()
+        svc.db.dispose()
+
+
+def test_outbox_rows_are_serialised_with_crlf(config: Config) -> None:
+    """Every queued message uses CRLF line endings only (policy.SMTP on the wire)."""
+    from mailer.outgoing import Kind, Outgoing
+    from outbound.outbox import Outbox
+    from mailer.db import Database
+
+    db = Database(config.database_url)
+    try:
+        with db.session() as s:
+            row = Outbox(config).enqueue(s, Outgoing(kind=Kind.ALERT, to="mara@project.test", subject="x\r\nBcc: a@b",
+                                                    template="sendkey.txt.j2"))
+            raw = row.raw
+        assert b"\n" not in raw.replace(b"\r\n", b"")
+        assert b"\r\nBcc:" not in raw
+    finally:
+        db.dispose()
