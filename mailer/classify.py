@@ -18,6 +18,7 @@ class Kind(str, enum.Enum):
     AUTOREPLY = "autoreply"
     IGNORED = "ignored"
     SENDKEY = "sendkey"
+    COMMAND = "command"  # looks like maintainer commands: authenticated or refused, never filed
 
 
 def is_bounce(parsed: Parsed, envelope_from: str) -> bool:

@@ -180,6 +180,47 @@ class GnupgConfig(_Section):
         return self.passphrase.get_secret_value() or None
 
 
+class CommandsConfig(_Section):
+    max_signature_age_hours: float = Field(72.0, gt=0)
+    notify: str = "all"
+
+    @field_validator("notify")
+    @classmethod
+    def _notify(cls, value: str) -> str:
+        if value not in ("all", "incident_manager"):
+            raise ValueError("expected all or incident_manager")
+        return value
+
+
+class ScheduleConfig(_Section):
+    holidays_country: str = ""
+    timezone: str = "UTC"
+    disclosure_workdays: int = Field(5, ge=1, le=90)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"expected an IANA time zone like Europe/Berlin, got {value!r}") from None
+        return value
+
+    @field_validator("holidays_country")
+    @classmethod
+    def _country(cls, value: str) -> str:
+        if value:
+            import holidays
+
+            try:
+                holidays.country_holidays(value)
+            except NotImplementedError:
+                raise ValueError(f"expected a country code known to the holidays library, got {value!r}") from None
+        return value
+
+
 class WorkerConfig(_Section):
     max_attempts: int = Field(5, ge=1)
     retry_base_seconds: float = Field(30.0, gt=0)
@@ -221,6 +262,8 @@ class Config(_Section):
     relay: RelayConfig = RelayConfig()
     imap: ImapConfig = ImapConfig()
     gnupg: GnupgConfig = GnupgConfig()
+    commands: CommandsConfig = CommandsConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
     worker: WorkerConfig = WorkerConfig()
     parsing: ParsingConfig = ParsingConfig()
     maintainers: tuple[Maintainer, ...] = ()

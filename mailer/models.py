@@ -6,7 +6,7 @@ import enum
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -105,6 +105,20 @@ class Report(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     acknowledged_at: Mapped[datetime | None] = mapped_column()
+    # Set by maintainers' signed commands (mailer.commands).
+    incident_manager: Mapped[str | None] = mapped_column(String(254))
+    severity: Mapped[str | None] = mapped_column(String(16))
+    cvss_vector: Mapped[str | None] = mapped_column(String(255))
+    cvss_score: Mapped[float | None] = mapped_column(Float)
+    cve: Mapped[str | None] = mapped_column(String(32))
+    cve_requested_at: Mapped[datetime | None] = mapped_column()
+    affected: Mapped[str | None] = mapped_column(String(500))
+    fixed: Mapped[str | None] = mapped_column(String(100))
+    advisory_url: Mapped[str | None] = mapped_column(String(500))
+    release_version: Mapped[str | None] = mapped_column(String(100))
+    release_url: Mapped[str | None] = mapped_column(String(500))
+    disclose_at: Mapped[datetime | None] = mapped_column(index=True)
+    duplicate_of: Mapped[str | None] = mapped_column(String(32))
 
     messages: Mapped[list[ReportMessage]] = relationship(back_populates="report", order_by="ReportMessage.id")
     events: Mapped[list[Event]] = relationship(back_populates="report", order_by="Event.id")
@@ -211,3 +225,27 @@ class ReportKey(Base):
     source: Mapped[str] = mapped_column(String(32))  # attachment | autocrypt
     inbound_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EmbargoMember(Base):
+    """Who receives a report's details under embargo before disclosure."""
+
+    __tablename__ = "embargo_members"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
+    address: Mapped[str] = mapped_column(String(254))
+    added_by: Mapped[str] = mapped_column(String(64))
+    added_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CommandSignature(Base):
+    """Signed command messages already applied: a signature is honoured once (replay protection)."""
+
+    __tablename__ = "command_signatures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    inbound_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"))
+    applied_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -70,6 +70,7 @@ class TextPart:
     signature_valid: bool = False
     signature_reason: str = "no signature"
     content_type: str = "text/plain"
+    signature_created: int | None = None  # signature creation time (Unix seconds), when signed
 
 
 @dataclass
@@ -248,8 +249,9 @@ class _Walker:
         flags = self._flags(ctx)
         reason = ctx.sig.reason if ctx.sig else "no signature"
         text = text.replace("\r\n", "\n")
+        created = ctx.sig.created if ctx.sig else None
         self.out.text_parts.append(TextPart(text=text, content_type=content_type, signature_reason=reason,
-                                            **flags))  # type: ignore[arg-type]
+                                            signature_created=created, **flags))  # type: ignore[arg-type]
 
     def add_attachment(self, ent: _Entity, ctx: _Ctx) -> None:
         flags = self._flags(ctx)

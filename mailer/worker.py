@@ -22,7 +22,8 @@ from mailer.db import Database
 from mailer.errors import NotFound, StepError
 from mailer.models import InboundMessage, InboundState, utcnow
 from mailer.outgoing import Postman
-from mailer.workflow import PIPELINE, Processing, Step, run_pipeline
+from mailer.pipeline import PIPELINE
+from mailer.workflow import Processing, Step, run_pipeline
 
 log = logging.getLogger(__name__)
 

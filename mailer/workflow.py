@@ -1,6 +1,6 @@
 """Processing a received message: a visible list of named steps.
 
-    PIPELINE = (parse, unwrap_openpgp, classify, answer_sendkey, file, bind_keys, acknowledge, notify_maintainers)
+    The pipeline itself is listed in ``mailer.pipeline``.
 
 Each step takes the :class:`Processing` context and may set ``stop`` to end
 the pipeline early. All steps of one message run in one database transaction:
@@ -425,19 +425,7 @@ def notify_maintainers(ctx: Processing) -> None:
         _record_outgoing(ctx, outbox, "notice")
 
 
-PIPELINE: tuple[Step, ...] = (
-    parse,
-    unwrap_openpgp,
-    classify_message,
-    answer_sendkey,
-    file,
-    bind_keys,
-    acknowledge,
-    notify_maintainers,
-)
-
-
-def run_pipeline(ctx: Processing, steps: tuple[Step, ...] = PIPELINE) -> None:
+def run_pipeline(ctx: Processing, steps: tuple[Step, ...]) -> None:
     """Run the steps in order; a step's exception is re-raised as StepError naming it."""
     for step in steps:
         try:

@@ -94,7 +94,8 @@ async def test_outbox_list_and_retry(service: Service) -> None:
 async def test_failed_list_and_retry(service: Service) -> None:
     """`failed list --json` names the failed step; `failed retry ID` queues it again."""
     from mailer.worker import Worker
-    from mailer.workflow import PIPELINE, Processing
+    from mailer.pipeline import PIPELINE
+    from mailer.workflow import Processing
 
     def explode(ctx: Processing) -> None:
         raise RuntimeError("broken step")

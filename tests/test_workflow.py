@@ -11,7 +11,8 @@ from mailer.app import Service
 from mailer.config import Config
 from mailer.models import Event, InboundMessage, InboundState, Report, ReportMessage
 from mailer.worker import Worker, retry_failed
-from mailer.workflow import PIPELINE, Processing
+from mailer.pipeline import PIPELINE
+from mailer.workflow import Processing
 from tests.conftest import smtp_port
 from tests.relay import CaptureRelay
 from tests.test_intake import CONTACT, asend, count, report_bytes
