@@ -20,6 +20,7 @@ from mailer.db import Database
 from mailer.intake import IntakeWriter, Stored
 from mailer.models import utcnow
 from mailer.worker import Worker
+from mailer.workflow import maintainer_key_problem
 from outbound.outbox import Outbox
 from outbound.sender import Sender, Transport, transport_for
 
@@ -75,12 +76,7 @@ class Service:
         return fingerprint
 
     def maintainer_key_problem(self, fingerprint: str) -> str | None:
-        if not fingerprint:
-            return "no fingerprint configured"
-        info = self.gpg.key_info(fingerprint)
-        if info is None:
-            return f"key {fingerprint} is not in the keyring (mailer keys import FILE)"
-        return info.problem
+        return maintainer_key_problem(self.gpg, fingerprint)
 
     @property
     def fingerprint(self) -> str:

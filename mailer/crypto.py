@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
@@ -503,13 +504,28 @@ class OpenPGP:
         keys = self._gpg.list_keys(secret=secret)
         return [self._key_info(k, k["fingerprint"] in secret_fprs) for k in keys]
 
+    #: how long a keyring listing is reused (seconds); imports through this object refresh it at once,
+    #: changes made by another process (``mailer keys import``) are seen within this time
+    LISTING_TTL = 30.0
+
+    def _listing(self) -> list[KeyInfo]:
+        now = time.monotonic()
+        cache = getattr(self, "_cache", None)
+        if cache is None or now - cache[0] > self.LISTING_TTL:
+            cache = self._cache = (now, self.list_keys())
+        return cache[1]
+
+    def _forget(self) -> None:
+        self._cache = None
+        self._service_fpr: str | None = None
+
     def key_info(self, fpr: str) -> KeyInfo | None:
         """Information about the key with primary fingerprint *fpr*, or ``None``."""
         try:
             clean = _normalise_fpr(fpr)
         except CryptoError:
             return None
-        for info in self.list_keys():
+        for info in self._listing():
             if info.fingerprint == clean:
                 return info
         return None
@@ -533,11 +549,15 @@ class OpenPGP:
         )
 
     def service_fingerprint(self) -> str:
-        """Fingerprint of the (single) secret key of this home."""
+        """Fingerprint of the (single) secret key of this home (looked up once)."""
+        cached = getattr(self, "_service_fpr", None)
+        if cached:
+            return cached
         secrets = self._gpg.list_keys(secret=True)
         if not secrets:
             raise CryptoError("no service key in keyring")
-        return secrets[0]["fingerprint"]
+        self._service_fpr = secrets[0]["fingerprint"]
+        return self._service_fpr
 
     def ensure_service_key(self, name: str, address: str, passphrase: str | None = None) -> str:
         """Return the fingerprint of the secret key, generating one if the home has none.
@@ -547,6 +567,7 @@ class OpenPGP:
         without passphrase unless one is given (then it is also remembered
         for signing and decrypting).
         """
+        self._forget()
         if passphrase is not None:
             self.passphrase = passphrase
         secrets = self._gpg.list_keys(secret=True)
@@ -589,6 +610,7 @@ class OpenPGP:
 
     def import_public(self, data: bytes | str) -> list[str]:
         """Import public keys; refuses any secret key material.  Returns fingerprints."""
+        self._forget()
         raw = data.encode() if isinstance(data, str) else data
         if b"PRIVATE KEY BLOCK" in raw:
             raise KeyImportError("secret key material refused")
@@ -601,6 +623,7 @@ class OpenPGP:
 
     def import_secret(self, data: bytes | str, passphrase: str | None = None) -> list[str]:
         """Import a secret key (e.g. a backup of the service key).  Returns fingerprints."""
+        self._forget()
         raw = data.encode() if isinstance(data, str) else data
         result = self._gpg.import_keys(raw, passphrase=passphrase,
                                        extra_args=[] if passphrase else ["--pinentry-mode", "error"])

@@ -222,9 +222,11 @@ class ReportKey(Base):
     report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
     fingerprint: Mapped[str] = mapped_column(String(64), default="")
     key_blob: Mapped[bytes] = mapped_column(LargeBinary)
-    source: Mapped[str] = mapped_column(String(32))  # attachment | autocrypt
+    source: Mapped[str] = mapped_column(String(32))  # message (an attachment or an Autocrypt header)
     inbound_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    report: Mapped[Report] = relationship()
 
 
 class EmbargoMember(Base):

@@ -360,7 +360,8 @@ def acknowledge(ctx: Processing) -> None:
     except CryptoError as exc:
         ctx.event("ack.reporter_key_unusable", reason=str(exc))
         context["have_key"] = False
-        outbox = ctx.postman.enqueue(ctx.session, _replace(outgoing, key_blob=None, attach_key=True))
+        outgoing = _replace(outgoing, key_blob=None, attach_key=True)
+        outbox = ctx.postman.enqueue(ctx.session, outgoing)
     _record_outgoing(ctx, outbox, "ack")
     report.state = ReportState.ACKNOWLEDGED.value
     report.acknowledged_at = ctx.now
@@ -382,15 +383,24 @@ def _record_outgoing(ctx: Processing, outbox: OutboxMessage, kind: str) -> None:
     )
 
 
-def _maintainer_key_problem(ctx: Processing, fingerprint: str) -> str | None:
+def maintainer_key_problem(gpg: OpenPGP | None, fingerprint: str) -> str | None:
+    """Why mail cannot be encrypted to this maintainer's pinned key, or None."""
     if not fingerprint:
         return "no fingerprint configured"
-    if ctx.gpg is None:
+    if gpg is None:
         return "no OpenPGP keyring"
-    info = ctx.gpg.key_info(fingerprint)
+    info = gpg.key_info(fingerprint)
     if info is None:
-        return f"key {fingerprint} is not in the keyring"
-    return info.problem
+        return f"key {fingerprint} is not in the keyring (mailer keys import FILE)"
+    if info.problem:
+        return info.problem
+    if not info.can_encrypt:
+        return f"key {fingerprint} has no usable encryption subkey"
+    return None
+
+
+def _maintainer_key_problem(ctx: Processing, fingerprint: str) -> str | None:
+    return maintainer_key_problem(ctx.gpg, fingerprint)
 
 
 def notify_maintainers(ctx: Processing) -> None:
@@ -406,22 +416,25 @@ def notify_maintainers(ctx: Processing) -> None:
             log.warning("notice to %s %s report content: %s", maintainer.address,
                         "carries" if allow_clear else "omits", problem)
             ctx.event("notice.without_encryption", to=maintainer.address, reason=problem, content_included=allow_clear)
-        outbox = ctx.postman.enqueue(
-            ctx.session,
-            Outgoing(
-                kind=MailKind.NOTICE,
-                to=maintainer.address,
-                subject=f"[{ctx.report.tracking_id}] {label}",
-                template="notice.txt.j2",
-                context={
-                    "report": ctx.report, "maintainer": maintainer, "message": ctx.report_message,
-                    "label": label, "detailed": detailed, "key_problem": problem,
-                    "openpgp": openpgp_summary(ctx.pgp), "attachments": ctx.p.attachments,
-                },
-                report_id=ctx.report.id,
-                encrypt_to=(maintainer.fingerprint,) if problem is None else (),
-            ),
+        notice = Outgoing(
+            kind=MailKind.NOTICE,
+            to=maintainer.address,
+            subject=f"[{ctx.report.tracking_id}] {label}",
+            template="notice.txt.j2",
+            context={
+                "report": ctx.report, "maintainer": maintainer, "message": ctx.report_message,
+                "label": label, "detailed": detailed, "key_problem": problem,
+                "openpgp": openpgp_summary(ctx.pgp), "attachments": ctx.p.attachments,
+            },
+            report_id=ctx.report.id,
+            encrypt_to=(maintainer.fingerprint,) if problem is None else (),
         )
+        try:
+            outbox = ctx.postman.enqueue(ctx.session, notice)
+        except CryptoError as exc:  # the key went bad since we looked: fail closed, still notify
+            ctx.event("notice.without_encryption", to=maintainer.address, reason=str(exc), content_included=False)
+            context = {**notice.context, "detailed": False, "key_problem": str(exc)}
+            outbox = ctx.postman.enqueue(ctx.session, _replace(notice, context=context, encrypt_to=()))
         _record_outgoing(ctx, outbox, "notice")
 
 
