@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from mailer import classify, tracking
 from mailer.classify import Kind
-from mailer.config import Config
+from mailer.config import Config, Maintainer
 from mailer.crypto import CryptoError, OpenPGP
 from mailer.errors import StepError
 from mailer.models import (
@@ -403,13 +403,35 @@ def _maintainer_key_problem(ctx: Processing, fingerprint: str) -> str | None:
     return maintainer_key_problem(ctx.gpg, fingerprint)
 
 
+def notice_recipients(config: Config, report: Report) -> list[Maintainer]:
+    """All maintainers, or only the incident manager once assigned when ``commands.notify`` says so."""
+    if config.commands.notify == "incident_manager" and report.incident_manager:
+        chosen = [m for m in config.maintainers if m.address == report.incident_manager]
+        if chosen:
+            return chosen
+    return list(config.maintainers)
+
+
+def _report_thread(ctx: Processing) -> str | None:
+    """Maintainers' notices of one report thread under the report's first message."""
+    assert ctx.report is not None
+    query = (
+        select(ReportMessage.message_id)
+        .where(ReportMessage.report_id == ctx.report.id, ReportMessage.kind == "report")
+        .order_by(ReportMessage.id)
+        .limit(1)
+    )
+    return ctx.session.scalar(query)
+
+
 def notify_maintainers(ctx: Processing) -> None:
     """Report content reaches maintainers only encrypted to their pinned key (fail closed)."""
     if ctx.report is None or ctx.kind not in (Kind.NEW, Kind.FOLLOWUP):
         return
     label = "New report" if ctx.kind is Kind.NEW else "Follow-up"
     allow_clear = ctx.config.gnupg.allow_cleartext_to_maintainers
-    for maintainer in ctx.config.maintainers:
+    thread = _report_thread(ctx)
+    for maintainer in notice_recipients(ctx.config, ctx.report):
         problem = _maintainer_key_problem(ctx, maintainer.fingerprint)
         detailed = problem is None or allow_clear
         if problem is not None:
@@ -427,6 +449,8 @@ def notify_maintainers(ctx: Processing) -> None:
                 "openpgp": openpgp_summary(ctx.pgp), "attachments": ctx.p.attachments,
             },
             report_id=ctx.report.id,
+            in_reply_to=thread,
+            references=(thread,) if thread else (),
             encrypt_to=(maintainer.fingerprint,) if problem is None else (),
         )
         try:

@@ -278,3 +278,61 @@ async def test_forwarded_signed_message_never_runs(svc: Service, mara: tuple[Hom
            + b"--f\r\nContent-Type: message/rfc822\r\n\r\n" + original + b"\r\n--f--\r\n")
     await send_command(svc, raw, sender="eve@evil.test")
     assert reports(svc)[0].state == "acknowledged"
+
+
+async def test_inline_clearsigned_commands_run(svc: Service, mara: tuple[Home, str]) -> None:
+    """Commands in an inline (cleartext-signed) message, as Mutt or Mailvelope send it, are honoured."""
+    home, fpr = mara
+    report = await file_report(svc)
+    block = home.clearsign(f"#report {report.tracking_id}\n#severity low\n".encode(), fpr).replace(b"\n", b"\r\n")
+    raw = headers(f"Re: [{report.tracking_id}]", "<inline@p>") + b"Content-Type: text/plain\r\n\r\n" + block
+    await send_command(svc, raw)
+    assert reports(svc)[0].severity == "low"
+
+
+async def test_signed_and_encrypted_commands_run(svc: Service, mara: tuple[Home, str]) -> None:
+    """A command mail signed and encrypted to the service key in one OpenPGP message is honoured."""
+    from tests.gpgtools import inner_text_entity, pgpmime_encrypted
+
+    home, fpr = mara
+    report = await file_report(svc)
+    home.import_(svc.gpg.export_public(svc.fingerprint).encode())
+    inner = inner_text_entity(f"#report {report.tracking_id}\n#accept\n", subject=f"Re: [{report.tracking_id}]")
+    armored = home.encrypt(inner, [svc.fingerprint], signer=fpr)
+    raw = pgpmime_encrypted(armored).replace(b"From: Reporter <reporter@example.org>", f"From: {MARA}".encode())
+    await send_command(svc, raw)
+    assert reports(svc)[0].state == "accepted"
+
+
+async def test_only_the_incident_manager_is_notified_when_configured(
+    svc: Service, relay: CaptureRelay, mara: tuple[Home, str]
+) -> None:
+    """With commands.notify = incident_manager, follow-ups after #assign go to that maintainer only."""
+    home, fpr = mara
+    svc.config = svc.worker.config = svc.config.model_copy(
+        update={"commands": svc.config.commands.model_copy(update={"notify": "incident_manager"})}
+    )
+    report = await file_report(svc)
+    await send_command(svc, signed(home, fpr, f"#report {report.tracking_id}\n#assign me\n"))
+    before_max = len(relay.handler.to(MAX))
+    await asend(smtp_port(svc), report_bytes(msgid="<f2@reporter.test>", subject=f"Re: [{report.tracking_id}]", body="more"))
+    await svc.settle()
+    assert len(relay.handler.to(MAX)) == before_max
+    notice = relay.handler.to(MARA)[-1]
+    assert "more" in open_for(home, notice.raw)
+
+
+async def test_list_answers_with_many_reports(svc: Service, relay: CaptureRelay, mara: tuple[Home, str]) -> None:
+    """#list with 10 000 reports counts them all and lists a bounded page."""
+    from sqlalchemy import insert
+
+    home, fpr = mara
+    now = utcnow()
+    rows = [{"tracking_id": f"SEC-2025-{i:05d}", "state": "accepted", "reporter": "x@y.test", "subject": "",
+             "fields": {}, "missing_fields": [], "flags": {}, "created_at": now, "updated_at": now} for i in range(10_000)]
+    with svc.db.session() as s:
+        s.execute(insert(Report), rows)
+    await send_command(svc, signed(home, fpr, "#list open\n", msgid="<many@p>"))
+    text = open_for(home, relay.handler.to(MARA)[-1].raw)
+    assert "open reports (10000):" in text
+    assert "… and 9800 more" in text
