@@ -32,6 +32,16 @@ def parse_hostport(value: str) -> tuple[str, int]:
     return match["host"].strip("[]"), int(match["port"])
 
 
+def read_secret(value: SecretStr, path: Path | None) -> str:
+    """A secret from its file (preferred: kept out of the environment) or the config value."""
+    if path is not None:
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from None
+    return value.get_secret_value()
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -117,9 +127,7 @@ class RelayConfig(_Section):
         return value
 
     def secret(self) -> str:
-        if self.password_file is not None:
-            return self.password_file.read_text().strip()
-        return self.password.get_secret_value()
+        return read_secret(self.password, self.password_file)
 
 
 class ImapConfig(_Section):
@@ -153,9 +161,7 @@ class ImapConfig(_Section):
         return self
 
     def secret(self) -> str:
-        if self.password_file is not None:
-            return self.password_file.read_text().strip()
-        return self.password.get_secret_value()
+        return read_secret(self.password, self.password_file)
 
 
 class GnupgConfig(_Section):
@@ -175,9 +181,7 @@ class GnupgConfig(_Section):
         return value
 
     def secret(self) -> str | None:
-        if self.passphrase_file is not None:
-            return self.passphrase_file.read_text().strip() or None
-        return self.passphrase.get_secret_value() or None
+        return read_secret(self.passphrase, self.passphrase_file) or None
 
 
 class CommandsConfig(_Section):
