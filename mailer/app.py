@@ -119,6 +119,7 @@ class Service:
                 await asyncio.wait({task}, timeout=1)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.worker.finish()
         self.servers.clear()
         self.tasks.clear()
 

@@ -23,7 +23,7 @@ from mailer.config import Maintainer
 from mailer.models import CommandSignature, EmbargoMember, Report
 from mailer.outgoing import Kind as MailKind
 from mailer.outgoing import Outgoing
-from mailer.workflow import Processing, _maintainer_key_problem, _record_outgoing, reporter_key
+from mailer.workflow import Processing, _maintainer_key_problem, _record_outgoing, notice_recipients, reporter_key
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def run_commands(ctx: Processing) -> None:
     ctx.session.add(CommandSignature(digest=auth.digest, fingerprint=auth.fingerprint, inbound_id=ctx.inbound.id, applied_at=ctx.now))
     if all(o.ok for o in outcomes):
         _send_notifications(ctx, cctx)
+        _tell_other_maintainers(ctx, auth.maintainer, outcomes)
     _transcript(ctx, auth.maintainer, outcomes, cctx.output)
 
 
@@ -124,6 +125,23 @@ def _transcript(ctx: Processing, maintainer: Maintainer, outcomes: list[commands
         ctx, maintainer, subject, "transcript.txt.j2",
         {"outcomes": outcomes, "ok": ok, "report": ctx.report, "output": output, "embargo": members},
     )
+
+
+_SILENT = frozenset({"status", "list", "help", "report"})
+
+
+def _tell_other_maintainers(ctx: Processing, actor: Maintainer, outcomes: list[commands.Outcome]) -> None:
+    """Changes reach the other maintainers (or only the incident manager), encrypted like every notice."""
+    changes = [o for o in outcomes if o.line[1:].split(" ", 1)[0] not in _SILENT]
+    if ctx.report is None or not changes:
+        return
+    for maintainer in notice_recipients(ctx.config, ctx.report):
+        if maintainer.address == actor.address:
+            continue
+        _reply_to_maintainer(
+            ctx, maintainer, f"[{ctx.report.tracking_id}] Changed by {actor.name}", "changes.txt.j2",
+            {"report": ctx.report, "outcomes": changes, "actor": actor},
+        )
 
 
 def _send_notifications(ctx: Processing, cctx: commands.CommandContext) -> None:

@@ -53,6 +53,13 @@ class Worker:
         self.intake_busy = intake_busy
         self.wake = asyncio.Event()
 
+    _current: asyncio.Future[bool] | None = None
+
+    async def finish(self) -> None:
+        """Wait for the message being processed, if any (called at shutdown after the loop is cancelled)."""
+        if self._current is not None and not self._current.done():
+            await asyncio.wait({self._current})
+
     def due(self) -> list[int]:
         now = self.clock()
         with self.db.session() as session:
@@ -109,7 +116,9 @@ class Worker:
             for inbound_id in ids:
                 seen.add(inbound_id)
                 await self._yield_to_intake()
-                done += await asyncio.to_thread(self.process, inbound_id)
+                # shielded: a cancel (shutdown) lets the message's transaction finish instead of abandoning the thread
+                self._current = asyncio.ensure_future(asyncio.to_thread(self.process, inbound_id))
+                done += await asyncio.shield(self._current)
             if self.on_done is not None:
                 self.on_done()
         return done

@@ -336,3 +336,15 @@ async def test_list_answers_with_many_reports(svc: Service, relay: CaptureRelay,
     text = open_for(home, relay.handler.to(MARA)[-1].raw)
     assert "open reports (10000):" in text
     assert "… and 9800 more" in text
+
+
+async def test_other_maintainers_hear_of_changes(svc: Service, relay: CaptureRelay, mara: tuple[Home, str]) -> None:
+    """A state change by one maintainer reaches the others; without a usable key, without details."""
+    home, fpr = mara
+    report = await file_report(svc)
+    before = len(relay.handler.to(MAX))
+    await send_command(svc, signed(home, fpr, f"#report {report.tracking_id}\n#accept\n#note secret-internal-note\n"))
+    [change] = relay.handler.to(MAX)[before:]
+    assert "Changed by Mara" in change.message["Subject"]
+    assert "is now accepted" in change.text
+    assert b"secret-internal-note" not in change.raw  # Max has no key: no details in clear
