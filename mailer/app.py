@@ -19,6 +19,7 @@ from mailer.crypto import OpenPGP, check_versions
 from mailer.db import Database
 from mailer.intake import IntakeWriter, Stored
 from mailer.models import utcnow
+from mailer.reminders import Reminders
 from mailer.worker import Worker
 from mailer.workflow import maintainer_key_problem
 from outbound.outbox import Outbox
@@ -48,6 +49,7 @@ class Service:
         self.worker = Worker(
             self.db, config, self.outbox, gpg=self.gpg, clock=clock, on_done=self.sender.wake.set, intake_busy=lambda: self.writer.busy
         )
+        self.reminders = Reminders(self.db, config, self.outbox, self.gpg, clock=clock)
         self.servers: dict[str, asyncio.Server] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.imap: Any = None  # inbound.imap.ImapPoller when [imap] enabled
@@ -98,6 +100,7 @@ class Service:
         if background:
             self.tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
             self.tasks.append(asyncio.create_task(self.sender.run(), name="sender"))
+            self.tasks.append(asyncio.create_task(self.reminders.run(), name="reminders"))
         if self.config.imap.enabled:
             from inbound.imap import ImapPoller
 

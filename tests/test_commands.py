@@ -348,3 +348,24 @@ async def test_other_maintainers_hear_of_changes(svc: Service, relay: CaptureRel
     assert "Changed by Mara" in change.message["Subject"]
     assert "is now accepted" in change.text
     assert b"secret-internal-note" not in change.raw  # Max has no key: no details in clear
+
+
+async def test_requested_cve_is_reminded_daily_until_recorded(svc: Service, relay: CaptureRelay, mara: tuple[Home, str]) -> None:
+    """`#cve requested` is tracked: after two days maintainers are reminded, once a day, until `#cve` records it."""
+    from sqlalchemy import update
+
+    home, fpr = mara
+    report = await file_report(svc)
+    await send_command(svc, signed(home, fpr, f"#report {report.tracking_id}\n#accept\n#cve requested via GitHub\n", msgid="<cr@p>"))
+    assert svc.reminders.drain() == 0  # not yet due
+    with svc.db.session() as s:
+        s.execute(update(Report).values(cve_requested_at=utcnow() - timedelta(days=3)))
+    assert svc.reminders.drain() == 1
+    assert svc.reminders.drain() == 0  # once a day
+    await svc.settle()
+    assert "Reminder: CVE requested" not in (relay.handler.to(MARA)[-1].message["Subject"] or "")  # subject is protected
+    assert "none is recorded yet" in open_for(home, relay.handler.to(MARA)[-1].raw)
+    await send_command(svc, signed(home, fpr, f"#report {report.tracking_id}\n#cve CVE-2026-4242\n", msgid="<cr2@p>"))
+    with svc.db.session() as s:
+        s.execute(update(Event).where(Event.kind == "reminder.cve").values(at=utcnow() - timedelta(days=2)))
+    assert svc.reminders.drain() == 0
