@@ -72,13 +72,10 @@ class Service:
         self.outbox.fingerprint = fingerprint
         self.outbox.public_key = self.gpg.export_public(fingerprint)
         for maintainer in self.config.maintainers:
-            problem = self.maintainer_key_problem(maintainer.fingerprint)
+            problem = maintainer_key_problem(self.gpg, maintainer.fingerprint)
             if problem:
                 log.warning("maintainer %s: %s; they get notices without report content", maintainer.address, problem)
         return fingerprint
-
-    def maintainer_key_problem(self, fingerprint: str) -> str | None:
-        return maintainer_key_problem(self.gpg, fingerprint)
 
     @property
     def fingerprint(self) -> str:

@@ -23,7 +23,7 @@ from mailer.config import Maintainer
 from mailer.models import CommandSignature, EmbargoMember, Report
 from mailer.outgoing import Kind as MailKind
 from mailer.outgoing import Outgoing
-from mailer.workflow import Processing, _maintainer_key_problem, _record_outgoing, notice_recipients, reporter_key
+from mailer.workflow import Processing, maintainer_key_problem, notice_recipients, record_outgoing, reporter_key
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def run_commands(ctx: Processing) -> None:
 
 
 def _reply_to_maintainer(ctx: Processing, maintainer: Maintainer, subject: str, template: str, context: dict[str, Any]) -> None:
-    problem = _maintainer_key_problem(ctx, maintainer.fingerprint)
+    problem = maintainer_key_problem(ctx.gpg, maintainer.fingerprint)
     detailed = problem is None
     outbox = ctx.postman.enqueue(
         ctx.session,
@@ -100,7 +100,7 @@ def _reply_to_maintainer(ctx: Processing, maintainer: Maintainer, subject: str, 
         ),
     )
     if ctx.report is not None:
-        _record_outgoing(ctx, outbox, "transcript")
+        record_outgoing(ctx, outbox, "transcript")
 
 
 def _refuse(ctx: Processing, reason: str) -> None:
@@ -171,4 +171,4 @@ def _to_reporter(ctx: Processing, report: Report, kind: str, data: dict[str, Any
             report_id=report.id, key_blob=key_blob, attach_key=key_blob is None,
         ),
     )
-    _record_outgoing(ctx, outbox, kind)
+    record_outgoing(ctx, outbox, kind)

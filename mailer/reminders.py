@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 
 from mailer import states
 from mailer.config import Config
+from mailer.crypto import OpenPGP
 from mailer.db import Database
 from mailer.models import Event, Report, utcnow
 from mailer.outgoing import Kind, Outgoing, Postman
@@ -28,7 +29,7 @@ CVE_GRACE = timedelta(days=2)
 
 
 class Reminders:
-    def __init__(self, db: Database, config: Config, postman: Postman, gpg: object, *,
+    def __init__(self, db: Database, config: Config, postman: Postman, gpg: OpenPGP | None, *,
                  clock: Callable[[], datetime] = utcnow) -> None:
         self.db, self.config, self.postman, self.gpg, self.clock = db, config, postman, gpg, clock
 
@@ -51,7 +52,7 @@ class Reminders:
             )
             for report in session.scalars(query):
                 for maintainer in notice_recipients(self.config, report):
-                    problem = maintainer_key_problem(self.gpg, maintainer.fingerprint)  # type: ignore[arg-type]
+                    problem = maintainer_key_problem(self.gpg, maintainer.fingerprint)
                     self.postman.enqueue(session, Outgoing(
                         kind=Kind.NOTICE, to=maintainer.address,
                         subject=f"[{report.tracking_id}] Reminder: CVE requested, not recorded",

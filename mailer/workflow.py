@@ -362,13 +362,13 @@ def acknowledge(ctx: Processing) -> None:
         context["have_key"] = False
         outgoing = _replace(outgoing, key_blob=None, attach_key=True)
         outbox = ctx.postman.enqueue(ctx.session, outgoing)
-    _record_outgoing(ctx, outbox, "ack")
+    record_outgoing(ctx, outbox, "ack")
     report.state = ReportState.ACKNOWLEDGED.value
     report.acknowledged_at = ctx.now
     ctx.event("ack.queued", message_id=outbox.message_id, to=ctx.envelope_from, encrypted=outgoing.key_blob is not None)
 
 
-def _record_outgoing(ctx: Processing, outbox: OutboxMessage, kind: str) -> None:
+def record_outgoing(ctx: Processing, outbox: OutboxMessage, kind: str) -> None:
     ctx.session.add(
         ReportMessage(
             report=ctx.report,
@@ -397,10 +397,6 @@ def maintainer_key_problem(gpg: OpenPGP | None, fingerprint: str) -> str | None:
     if not info.can_encrypt:
         return f"key {fingerprint} has no usable encryption subkey"
     return None
-
-
-def _maintainer_key_problem(ctx: Processing, fingerprint: str) -> str | None:
-    return maintainer_key_problem(ctx.gpg, fingerprint)
 
 
 def notice_recipients(config: Config, report: Report) -> list[Maintainer]:
@@ -432,7 +428,7 @@ def notify_maintainers(ctx: Processing) -> None:
     allow_clear = ctx.config.gnupg.allow_cleartext_to_maintainers
     thread = _report_thread(ctx)
     for maintainer in notice_recipients(ctx.config, ctx.report):
-        problem = _maintainer_key_problem(ctx, maintainer.fingerprint)
+        problem = maintainer_key_problem(ctx.gpg, maintainer.fingerprint)
         detailed = problem is None or allow_clear
         if problem is not None:
             log.warning("notice to %s %s report content: %s", maintainer.address,
@@ -459,7 +455,7 @@ def notify_maintainers(ctx: Processing) -> None:
             ctx.event("notice.without_encryption", to=maintainer.address, reason=str(exc), content_included=False)
             context = {**notice.context, "detailed": False, "key_problem": str(exc)}
             outbox = ctx.postman.enqueue(ctx.session, _replace(notice, context=context, encrypt_to=()))
-        _record_outgoing(ctx, outbox, "notice")
+        record_outgoing(ctx, outbox, "notice")
 
 
 def run_pipeline(ctx: Processing, steps: tuple[Step, ...]) -> None:
