@@ -7,6 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: run test bench deps clean
 
 $(STAMP): pyproject.toml
+	scripts/system-deps --run
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
