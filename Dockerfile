@@ -22,5 +22,6 @@ ENV MAILER_SERVICE_DATA_DIR=/srv/mailer/var \
     PYTHONUNBUFFERED=1
 VOLUME ["/srv/mailer/var"]
 EXPOSE 8025
+HEALTHCHECK --interval=60s --timeout=20s CMD mailer health || exit 1
 # Migrate, then serve; the MTA hands mail over on 8025 (SMTP) or an LMTP port set by MAILER_LMTP_LISTEN.
 CMD ["sh", "-c", "mailer db upgrade && exec mailer serve"]

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 from collections.abc import Callable
-from typing import Any
 from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 from inbound.smtp import IntakeHandler, start_listener
 from mailer.classify import is_own_address
@@ -77,6 +80,27 @@ class Service:
                 log.warning("maintainer %s: %s; they get notices without report content", maintainer.address, problem)
         return fingerprint
 
+    def health(self) -> dict[str, Any]:
+        """What this process is doing, JSON-ready (written to <data_dir>/health.json by the running service)."""
+        return {
+            "pid": os.getpid(),
+            "updated_at": utcnow().isoformat(),
+            "listeners": {name: f"{host}:{port}" for name, (host, port) in self.listening().items()},
+            "service_key": self.fingerprint,
+            "imap": self.imap.health if self.imap is not None else None,
+            "tasks": {task.get_name(): "running" if not task.done() else "stopped" for task in self.tasks},
+        }
+
+    async def write_health(self, every: float = 10.0) -> None:
+        """Keep <data_dir>/health.json current, for `mailer health` and container health checks."""
+        path = self.config.service.data_dir / "health.json"
+        while True:
+            try:
+                await asyncio.to_thread(_write_atomically, path, json.dumps(self.health(), indent=2))
+            except OSError as exc:
+                log.warning("cannot write %s: %s", path, exc)
+            await asyncio.sleep(every)
+
     @property
     def fingerprint(self) -> str:
         return self.outbox.fingerprint
@@ -98,6 +122,7 @@ class Service:
             self.tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
             self.tasks.append(asyncio.create_task(self.sender.run(), name="sender"))
             self.tasks.append(asyncio.create_task(self.reminders.run(), name="reminders"))
+            self.tasks.append(asyncio.create_task(self.write_health(), name="health"))
         if self.config.imap.enabled:
             from inbound.imap import ImapPoller
 
@@ -127,3 +152,10 @@ class Service:
         """Run worker and sender until nothing is due (tests and the benchmark use this)."""
         while await self.worker.drain() + await self.sender.drain():
             pass
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -11,6 +11,7 @@
 - ``outbox list --json``: an array of ``{"id", "kind", "state", "report", "message_id", "to", "attempts", "created_at", "next_attempt_at", "deliver_until", "sent_at", "last_error"}``.
 - ``keys list --json``: an array of ``{"fingerprint", "uids", "created", "expires", "revoked", "expired", "can_encrypt", "can_sign", "usable", "problem", "roles"}``; ``keys show FPR --json`` is one such object.
 - ``imap import --since DATE --json``: ``{"imported": N}``.
+- ``health --json``: ``{"ok", "problems": [...], "service": {"pid", "updated_at", "listeners", "service_key", "imap", "tasks"} | null, "queues": {"inbound_waiting", "inbound_failed", "outbox_pending", "outbox_failed"}}``; exit 1 when not ok.
 - ``failed list --json``: an array of ``{"id", "state", "received_at", "transport", "mail_from", "message_id", "size", "attempts", "failed_step", "last_error"}``.
 """
 
@@ -23,10 +24,10 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from mailer import db as dbmod
 from mailer.config import Config, load_config
@@ -323,6 +324,52 @@ def cmd_imap_import(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+HEALTH_STALE_SECONDS = 60
+
+
+def health_report(config: Config) -> tuple[dict[str, Any], list[str]]:
+    """The running service's own view (health.json) plus queue depths from the database, and the problems."""
+    problems: list[str] = []
+    path = config.service.data_dir / "health.json"
+    try:
+        live = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        live = None
+        problems.append(f"no health file at {path}: is `mailer serve` running with this configuration?")
+    if live is not None:
+        age = (datetime.now(timezone.utc) - datetime.fromisoformat(live["updated_at"])).total_seconds()
+        if age > HEALTH_STALE_SECONDS:
+            problems.append(f"health file is {age:.0f} s old: the service is not running or is stuck")
+        imap = live.get("imap")
+        if imap is not None and not imap.get("connected"):
+            problems.append(f"IMAP not connected: {imap.get('last_error') or imap.get('state')}")
+        problems += [f"task {name} stopped" for name, state in live.get("tasks", {}).items() if state != "running"]
+    db = _open(config)
+    with db.session() as session:
+        def count(model: Any, *states: str) -> int:
+            return session.scalar(select(func.count(model.id)).where(model.state.in_(states))) or 0
+
+        queues = {
+            "inbound_waiting": count(InboundMessage, InboundState.RECEIVED.value, InboundState.RETRY.value),
+            "inbound_failed": count(InboundMessage, InboundState.FAILED.value),
+            "outbox_pending": count(OutboxMessage, "pending"),
+            "outbox_failed": count(OutboxMessage, "failed"),
+        }
+    if queues["inbound_failed"]:
+        problems.append(f"{queues['inbound_failed']} message(s) failed processing: `mailer failed list`")
+    if queues["outbox_failed"]:
+        problems.append(f"{queues['outbox_failed']} outgoing message(s) undeliverable: `mailer outbox list`")
+    return {"ok": not problems, "problems": problems, "service": live, "queues": queues}, problems
+
+
+def cmd_health(config: Config, args: argparse.Namespace) -> int:
+    data, problems = health_report(config)
+    text = "ok" if not problems else "\n".join(f"problem: {p}" for p in problems)
+    text += "\n" + "  ".join(f"{k}={v}" for k, v in data["queues"].items())
+    _print(data, args.json, text)
+    return 0 if not problems else EXIT_ERROR
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailer", description="security-mailer: the security contact's mailbox")
     parser.add_argument("--config", help="TOML configuration file (default: $MAILER_CONFIG, else built-in defaults)")
@@ -330,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("serve", help="run the service").set_defaults(func=cmd_serve)
+    p = sub.add_parser("health", help="is the service running and well? exit 1 with the problems if not")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_health)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="migrate the schema to this version").set_defaults(func=cmd_db_upgrade)

@@ -23,7 +23,14 @@ from mailer.config import Maintainer
 from mailer.models import CommandSignature, EmbargoMember, Report
 from mailer.outgoing import Kind as MailKind
 from mailer.outgoing import Outgoing
-from mailer.workflow import Processing, maintainer_key_problem, notice_recipients, record_outgoing, reporter_key
+from mailer.workflow import (
+    Processing,
+    maintainer_key_problem,
+    notice_recipients,
+    record_outgoing,
+    reporter_key,
+    valid_recipient,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +166,9 @@ def _send_notifications(ctx: Processing, cctx: commands.CommandContext) -> None:
 
 def _to_reporter(ctx: Processing, report: Report, kind: str, data: dict[str, Any]) -> None:
     """Status changes and #reply text go to the reporter, encrypted to their key when we have one."""
+    if valid_recipient(report.reporter) is None:
+        ctx.event(f"{kind}.not_sent", reason=f"reporter address {report.reporter!r} is not deliverable")
+        return
     key_blob = reporter_key(ctx.session, report)
     private = key_blob is not None or not report.flags.get("encrypted")
     template = "reply.txt.j2" if kind == "reply" else "status.txt.j2"

@@ -298,7 +298,7 @@ def _acks_sent_today(ctx: Processing, address: str) -> int:
     return ctx.session.scalar(query) or 0
 
 
-def _valid_recipient(address: str) -> str | None:
+def valid_recipient(address: str) -> str | None:
     try:
         return validate_email(address, check_deliverability=False, test_environment=True).normalized
     except EmailNotValidError:
@@ -307,7 +307,7 @@ def _valid_recipient(address: str) -> str | None:
 
 def _ack_blocked(ctx: Processing) -> str | None:
     reason = classify.no_reply_reason(ctx.p, ctx.envelope_from, ctx.config.service.contact)
-    if reason is None and _valid_recipient(ctx.envelope_from) is None:
+    if reason is None and valid_recipient(ctx.envelope_from) is None:
         reason = "envelope sender is not a valid address"
     if reason is None and _acks_sent_today(ctx, ctx.envelope_from) >= ctx.config.service.acks_per_sender_per_day:
         reason = "acknowledgement rate limit for this sender reached"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -182,3 +183,26 @@ def test_example_config_documents_every_key() -> None:
             continue
         for key in field.annotation.model_fields:  # type: ignore[union-attr]
             assert f"\n{key} =" in text or f"\n# {key} =" in text, f"[{section}] {key} is not documented"
+
+
+async def test_health_reports_the_running_service_and_its_queues(config: Config) -> None:
+    """`mailer health` is ok while the service runs and writes health.json; it names the problem otherwise."""
+    code, out = await mailer(config, "health")
+    assert code == 1 and "no health file" in out
+    svc = Service(config)
+    await svc.start(background=True)
+    try:
+        path = config.service.data_dir / "health.json"
+        for _ in range(100):
+            if path.exists():
+                break
+            await asyncio.sleep(0.05)
+        code, out = await mailer(config, "health", "--json")
+        data = _json(out)
+        assert code == 0, out
+        assert isinstance(data, dict) and data["ok"] is True
+        assert data["service"]["service_key"] == svc.fingerprint
+        assert data["queues"] == {"inbound_waiting": 0, "inbound_failed": 0, "outbox_pending": 0, "outbox_failed": 0}
+    finally:
+        await svc.stop()
+        svc.db.dispose()
