@@ -369,3 +369,40 @@ async def test_requested_cve_is_reminded_daily_until_recorded(svc: Service, rela
     with svc.db.session() as s:
         s.execute(update(Event).where(Event.kind == "reminder.cve").values(at=utcnow() - timedelta(days=2)))
     assert svc.reminders.drain() == 0
+
+
+async def test_revoked_or_doubly_signed_commands_are_refused(tmp_path: Path, migrated: str, relay: CaptureRelay) -> None:
+    """A maintainer key revoked since, or a message with two signatures, runs nothing and the refusal says why."""
+    home = Home()
+    try:
+        born = (utcnow() - timedelta(days=60)).strftime("%Y%m%dT%H%M%S")
+        fpr = home.gen_key("Rhea Maintainer", "rhea@project.test", faked_time=born)
+        other = home.gen_key("Second Key", "second@project.test", faked_time=born)
+        cfg = make_config(tmp_path, migrated, relay.url).model_copy(update={"maintainers": (
+            Maintainer(name="Rhea", address="rhea@project.test", fingerprint=fpr),
+            Maintainer(name="Sam", address="second@project.test", fingerprint=other),
+        )})
+        service = Service(cfg)
+        service.gpg.import_public(home.export(fpr) + home.export(other))
+        await service.start(background=False)
+        try:
+            report = await file_report(service)
+            parts = signed_part(f"#report {report.tracking_id}\n#accept\n")
+            double = parts.message(home.sign_detached(parts.signed_part, fpr, other))
+            double = headers("cmd", "<two@p>", from_="rhea@project.test") + double.partition(b"MIME-Version: 1.0\r\n")[2]
+            await send_command(service, double, sender="rhea@project.test")
+            before_revocation = signed(home, fpr, f"#report {report.tracking_id}\n#accept\n", msgid="<rev@p>",
+                                       from_="rhea@project.test")
+            home.revoke(fpr)
+            service.gpg.import_public(home.export(fpr))
+            await send_command(service, before_revocation, sender="rhea@project.test")
+            assert reports(service)[0].state == "acknowledged"
+            reasons = [e.detail["reason"] for e in events(service, "command.refused")]
+            assert len(reasons) == 2
+            assert "several" in reasons[0] or "signatures" in reasons[0]
+            assert "revoked" in reasons[1]
+        finally:
+            await service.stop()
+            service.db.dispose()
+    finally:
+        home.close()
