@@ -271,8 +271,6 @@ def file(ctx: Processing) -> None:
         ctx.event("report.filed", tracking_id=ctx.report.tracking_id, missing=ctx.report.missing_fields)
         if ctx.p.error:
             ctx.event("message.unparseable", reason=ctx.p.error)
-        if ctx.pgp is not None and ctx.pgp.errors:
-            ctx.event("openpgp.problem", reason=ctx.pgp.reason, errors=list(ctx.pgp.errors))
     elif ctx.report is not None:
         _add_report_message(ctx, ctx.kind.value if ctx.kind else "followup")
         ctx.report.updated_at = ctx.now
@@ -282,10 +280,10 @@ def file(ctx: Processing) -> None:
         ctx.inbound.classification = Kind.IGNORED.value
         ctx.event("message.ignored", reason="bounce or auto-reply matching no report", message_id=ctx.p.message_id)
         ctx.stop = True
-    ctx.inbound.report_id = ctx.report.id if ctx.report is not None and ctx.report.id else None
+    if ctx.report is not None and ctx.pgp is not None and ctx.pgp.errors:
+        ctx.event("openpgp.problem", reason=ctx.pgp.reason, errors=list(ctx.pgp.errors))
     ctx.session.flush()
-    if ctx.report is not None:
-        ctx.inbound.report_id = ctx.report.id
+    ctx.inbound.report_id = ctx.report.id if ctx.report is not None else None
 
 
 def _acks_sent_today(ctx: Processing, address: str) -> int:
