@@ -332,3 +332,22 @@ async def test_background_loops_deliver_the_ack_without_settle(config: Config, r
     finally:
         await svc.stop()
         svc.db.dispose()
+
+
+async def test_keyless_maintainer_is_alerted_to_undecryptable_reports(service: Service, relay: CaptureRelay) -> None:
+    """The reason a report could not be decrypted reaches every maintainer, even without a key (it holds no content)."""
+    from tests.gpgtools import Home, inner_text_entity, pgpmime_encrypted
+
+    home = Home()
+    try:
+        other = home.gen_key("Someone Else", "else@elsewhere.test")
+        raw = pgpmime_encrypted(home.encrypt(inner_text_entity("secret words"), [other]))
+        await asend(smtp_port(service), raw)
+        await service.settle()
+    finally:
+        home.close()
+    [report] = reports(service)
+    assert report.flags.get("openpgp_error")
+    notice = relay.handler.to("mara@project.test")[-1]
+    assert "ALERT:           OpenPGP problem" in notice.text
+    assert b"secret words" not in notice.raw
