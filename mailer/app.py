@@ -20,6 +20,7 @@ from mailer.classify import is_own_address
 from mailer.config import Config
 from mailer.crypto import OpenPGP, check_versions
 from mailer.db import Database
+from mailer.errors import ConfigError
 from mailer.intake import IntakeWriter, Stored
 from mailer.models import utcnow
 from mailer.reminders import Reminders
@@ -113,11 +114,17 @@ class Service:
             if section.address is None:
                 continue
             host, port = section.address
-            server = await start_listener(
-                self.handler(name), host, port, lmtp=name == "lmtp",
-                hostname=self.config.hostname, data_size_limit=section.max_message_size,
-            )
+            try:
+                server = await start_listener(
+                    self.handler(name), host, port, lmtp=name == "lmtp",
+                    hostname=self.config.hostname, data_size_limit=section.max_message_size,
+                )
+            except OSError as exc:
+                await self.stop()
+                raise ConfigError(f"{name}.listen: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
             self.servers[name] = server
+        if not self.servers and not self.config.imap.enabled:
+            raise ConfigError("nothing receives mail: set smtp.listen, lmtp.listen or imap.enabled")
         if background:
             self.tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
             self.tasks.append(asyncio.create_task(self.sender.run(), name="sender"))

@@ -206,3 +206,25 @@ async def test_health_reports_the_running_service_and_its_queues(config: Config)
     finally:
         await svc.stop()
         svc.db.dispose()
+
+
+async def test_serve_names_a_port_in_use_and_an_empty_setup(config: Config) -> None:
+    """A listener that cannot bind, or no way to receive mail at all, stops the start with a clear message."""
+    import socket
+
+    from mailer.errors import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = config.model_copy(update={"smtp": config.smtp.model_copy(update={"listen": f"127.0.0.1:{port}"})})
+        svc = Service(busy)
+        with pytest.raises(ConfigError, match=f"smtp.listen: cannot listen on 127.0.0.1:{port}"):
+            await svc.start(background=False)
+        svc.db.dispose()
+    silent = config.model_copy(update={"smtp": config.smtp.model_copy(update={"listen": ""})})
+    svc = Service(silent)
+    with pytest.raises(ConfigError, match="nothing receives mail"):
+        await svc.start(background=False)
+    svc.db.dispose()
