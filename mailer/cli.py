@@ -286,7 +286,13 @@ def cmd_keys_show(config: Config, args: argparse.Namespace) -> int:
 
 
 def _read(path: str) -> bytes:
-    return sys.stdin.buffer.read() if path == "-" else open(path, "rb").read()
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise NotFound(f"cannot read {path}: {exc.strerror}") from None
 
 
 def cmd_keys_import(config: Config, args: argparse.Namespace) -> int:
