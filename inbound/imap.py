@@ -2,7 +2,7 @@
 
 Safety rules (the reason for the order of every step below):
 
-1. **Store before move.** A message is committed with :func:`mailer.intake.store_inbound`
+1. **Store before move.** A fetched batch is committed with :func:`mailer.intake.store_batch`
    (``BODY.PEEK[]``, so reading it changes nothing on the server) *before* it is moved
    to ``processed_mailbox`` with ``UID MOVE``, or, on a server without MOVE, flagged
    ``\\Seen`` plus the keyword ``$SecMailerStored``. A crash between the commit and the
@@ -51,7 +51,7 @@ import aioimaplib
 from mailer.config import ImapConfig
 from mailer.db import Database
 from mailer.errors import MailerError
-from mailer.intake import Stored, store_inbound
+from mailer.intake import Received, Stored, store_batch
 from mailer.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -613,37 +613,38 @@ class ImapPoller:
     async def _ingest_batch(self, conn: _Connection, batch: list[int]) -> int:
         await self.before_fetch(batch)
         bodies = fetch_literals(await conn.fetch(batch, "(UID BODY.PEEK[])"))
-        done: list[int] = []
+        fetched: list[tuple[int, bytes]] = []
         for uid in batch:
             raw = bodies.get(uid)
             if raw is None:
                 self.counters.vanished += 1
                 log.info("IMAP: UID %d in %s vanished before it was fetched (expunged elsewhere); skipped", uid, self.config.mailbox)
                 continue
-            await self._store(uid, raw)
-            done.append(uid)
-        if done:
-            await self._mark_processed(conn, done)
-        return len(done)
+            fetched.append((uid, raw))
+        if fetched:
+            await self._store(fetched)
+            await self._mark_processed(conn, [uid for uid, _ in fetched])
+        return len(fetched)
 
     async def before_fetch(self, uids: list[int]) -> None:
         """Hook called before each body fetch (tests use it to race another client); does nothing."""
 
-    async def _store(self, uid: int, raw: bytes) -> Stored:
-        """The durable commit (rule 1), then ``on_stored``."""
+    async def _store(self, fetched: list[tuple[int, bytes]]) -> list[Stored]:
+        """The durable commit of a whole batch in one transaction (rule 1), then ``on_stored`` for each."""
         state = self._mailbox
-        stored = await asyncio.to_thread(
-            store_inbound, self.db, raw, transport="imap",
-            peer=f"imap://{self.config.host}:{self.config.port}/{self.config.mailbox};UIDVALIDITY={state.uidvalidity}/;UID={uid}",
-            mail_from=return_path(raw), rcpt_tos=[self.config.username],
-        )
-        state.last_uid = max(state.last_uid, uid)
-        self.counters.stored += 1
-        self.counters.duplicates += stored.duplicate
-        log.debug("IMAP: UID %d stored as inbound %d%s", uid, stored.id, " (duplicate)" if stored.duplicate else "")
-        if self.on_stored is not None:
-            self.on_stored(stored)
-        return stored
+        where = f"imap://{self.config.host}:{self.config.port}/{self.config.mailbox};UIDVALIDITY={state.uidvalidity}/"
+        batch = [
+            Received(raw, "imap", f"{where};UID={uid}", return_path(raw), (self.config.username,)) for uid, raw in fetched
+        ]
+        results = await asyncio.to_thread(store_batch, self.db, batch)
+        for (uid, _), stored in zip(fetched, results):
+            state.last_uid = max(state.last_uid, uid)
+            self.counters.stored += 1
+            self.counters.duplicates += stored.duplicate
+            log.debug("IMAP: UID %d stored as inbound %d%s", uid, stored.id, " (duplicate)" if stored.duplicate else "")
+            if self.on_stored is not None:
+                self.on_stored(stored)
+        return results
 
     async def _mark_processed(self, conn: _Connection, uids: list[int]) -> None:
         """Only after the commit (rule 1): MOVE to the processed mailbox, or flag where MOVE is missing."""
