@@ -12,6 +12,7 @@ refused with the reason, never executed. Other mail (a reporter writing
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import select
@@ -20,6 +21,7 @@ from mailer import commands, tracking
 from mailer.authn import Authenticated, Refused, authenticate, maintainer_by_address, maintainer_by_fingerprint
 from mailer.classify import Kind, no_reply_reason
 from mailer.config import Maintainer
+from mailer.crypto import CryptoError
 from mailer.models import CommandSignature, EmbargoMember, Report
 from mailer.outgoing import Kind as MailKind
 from mailer.outgoing import Outgoing
@@ -161,24 +163,34 @@ def _send_notifications(ctx: Processing, cctx: commands.CommandContext) -> None:
                 _reply_to_maintainer(ctx, maintainer, f"[{report.tracking_id}] ALERT: leak recorded", "leak.txt.j2",
                                      {"report": report, "text": data["text"], "by": cctx.actor.address})
             continue
-        _to_reporter(ctx, report, kind, data)
+        if not _to_reporter(ctx, report, kind, data):
+            cctx.output.append(f"Note: the {kind} mail to the reporter could not be encrypted "
+                               "(they have not sent an OpenPGP key) and went out signed only.")
 
 
-def _to_reporter(ctx: Processing, report: Report, kind: str, data: dict[str, Any]) -> None:
-    """Status changes and #reply text go to the reporter, encrypted to their key when we have one."""
+def _to_reporter(ctx: Processing, report: Report, kind: str, data: dict[str, Any]) -> bool:
+    """Status changes and #reply text go to the reporter, encrypted to their key when we have one.
+
+    Returns whether the mail was encrypted (or not sent at all).
+    """
     if valid_recipient(report.reporter) is None:
         ctx.event(f"{kind}.not_sent", reason=f"reporter address {report.reporter!r} is not deliverable")
-        return
+        return True
     key_blob = reporter_key(ctx.session, report)
     private = key_blob is not None or not report.flags.get("encrypted")
     template = "reply.txt.j2" if kind == "reply" else "status.txt.j2"
     subject = f"[{report.tracking_id}] " + ("Re: your security report" if kind == "reply" else f"Status: {data.get('change')}")
-    outbox = ctx.postman.enqueue(
-        ctx.session,
-        Outgoing(
-            kind=MailKind.NOTICE, to=report.reporter, subject=subject, template=template,
-            context={"report": report, "private": private, **data},
-            report_id=report.id, key_blob=key_blob, attach_key=key_blob is None,
-        ),
+    outgoing = Outgoing(
+        kind=MailKind.NOTICE, to=report.reporter, subject=subject, template=template,
+        context={"report": report, "private": private, **data},
+        report_id=report.id, key_blob=key_blob, attach_key=key_blob is None,
     )
+    try:
+        outbox = ctx.postman.enqueue(ctx.session, outgoing)
+    except CryptoError as exc:  # the reporter's key is expired or cannot encrypt
+        ctx.event(f"{kind}.reporter_key_unusable", reason=str(exc))
+        private = not report.flags.get("encrypted")
+        outgoing = replace(outgoing, key_blob=None, attach_key=True, context={**outgoing.context, "private": private})
+        outbox = ctx.postman.enqueue(ctx.session, outgoing)
     record_outgoing(ctx, outbox, kind)
+    return outgoing.key_blob is not None

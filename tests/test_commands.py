@@ -236,6 +236,8 @@ async def test_disclose_extend_and_reply_reach_the_reporter(svc: Service, relay:
     assert reports(svc)[0].disclose_at.strftime("%Y-%m-%d") == later  # type: ignore[union-attr]
     texts = [m.text for m in relay.handler.to("rita@reporter.test")]
     assert any("We confirmed the bug." in t for t in texts)
+    transcripts = [open_for(home, m.raw) for m in relay.handler.to(MARA)]
+    assert any("the reply mail to the reporter could not be encrypted" in t for t in transcripts)
     assert any("waiting for a distro fix" in t for t in texts)
     assert all(MARA.encode() not in m.raw for m in relay.handler.to("rita@reporter.test"))
 
@@ -406,3 +408,31 @@ async def test_revoked_or_doubly_signed_commands_are_refused(tmp_path: Path, mig
             service.db.dispose()
     finally:
         home.close()
+
+
+async def test_status_mail_falls_back_when_the_reporter_key_cannot_encrypt(
+    svc: Service, relay: CaptureRelay, mara: tuple[Home, str]
+) -> None:
+    """A reporter key without an encryption subkey does not block the command: the status goes out signed, and the maintainer is told."""
+    from email import policy
+    from email.message import EmailMessage
+
+    home, fpr = mara
+    reporter = Home()
+    try:
+        sign_only = reporter.gen_key("Rita", "rita@reporter.test", encrypt_subkey=False)
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"], msg["Message-ID"] = "rita@reporter.test", "security@example.org", "Bug", "<k@r.test>"
+        msg.set_content("Description: overflow\n")
+        msg.add_attachment(reporter.export(sign_only), maintype="application", subtype="pgp-keys", filename="key.asc")
+        await asend(smtp_port(svc), msg.as_bytes(policy=policy.SMTP))
+        await svc.settle()
+    finally:
+        reporter.close()
+    [report] = reports(svc)
+    await send_command(svc, signed(home, fpr, f"#report {report.tracking_id}\n#accept\n"))
+    assert reports(svc)[0].state == "accepted"
+    assert events(svc, "status.reporter_key_unusable")
+    status = relay.handler.to("rita@reporter.test")[-1]
+    assert b"multipart/signed" in status.raw and "accepted" in status.text
+    assert "could not be encrypted" in open_for(home, relay.handler.to(MARA)[-1].raw)
