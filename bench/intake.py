@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -464,25 +464,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_bounded(
+    name: str,
+    args: argparse.Namespace,
+    bench_fn: Callable[[argparse.Namespace], Awaitable[dict[str, Any]]],
+    summary_fn: Callable[[dict[str, Any]], str],
+) -> int:
+    """Run one benchmark under ``--timeout`` and print JSON or the summary; 1 with a message on failure."""
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
     async def bounded() -> dict[str, Any]:
-        # the ack wait stops at the deadline with its own message; wait_for is the backstop
+        # loop.time() is time.monotonic(): waits inside the run share this deadline; wait_for is the backstop
         args.deadline = asyncio.get_running_loop().time() + args.timeout
         try:
-            return await asyncio.wait_for(bench(args), args.timeout + 10)
+            return await asyncio.wait_for(bench_fn(args), args.timeout + 10)
         except TimeoutError:
             raise BenchError(f"the run did not finish within --timeout {args.timeout:.0f}s") from None
 
     try:
         result = asyncio.run(bounded())
     except BenchError as exc:
-        print(f"bench/intake.py: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(result) if args.json else summary(result))
+    print(json.dumps(result) if args.json else summary_fn(result))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_bounded("bench/intake.py", parse_args(argv), bench, summary)
 
 
 if __name__ == "__main__":

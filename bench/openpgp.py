@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import json
-import logging
 import random
 import shutil
 import subprocess
@@ -66,6 +64,7 @@ from bench.intake import (  # noqa: E402
     TimedCapture,
     ms,
     percentile,
+    run_bounded,
     run_load,
     stop_service,
     wait_acks,
@@ -483,24 +482,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-
-    async def bounded() -> dict[str, Any]:
-        # loop.time() is time.monotonic(): the baseline thread and the ack wait share this deadline
-        args.deadline = asyncio.get_running_loop().time() + args.timeout
-        try:
-            return await asyncio.wait_for(bench(args), args.timeout + 10)
-        except TimeoutError:
-            raise BenchError(f"the run did not finish within --timeout {args.timeout:.0f}s") from None
-
-    try:
-        result = asyncio.run(bounded())
-    except BenchError as exc:
-        print(f"bench/openpgp.py: error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(result) if args.json else summary(result))
-    return 0
+    return run_bounded("bench/openpgp.py", parse_args(argv), bench, summary)
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def inner_text_entity(body: str, *, subject: str | None = None, attachment: tupl
 
     With *subject*, the entity carries protected headers (``protected-headers="v1"``).
     """
-    ph = f'; protected-headers="v1"' if subject else ""
+    ph = '; protected-headers="v1"' if subject else ""
     head = f"Subject: {subject}\n" if subject else ""
     if attachment is None:
         text = (f"Content-Type: text/plain; charset=UTF-8{ph}\n{head}"

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from mailer.app import Service
-from mailer.config import Config, Maintainer
+from mailer.config import Maintainer
 from mailer.crypto import OpenPGP
 from mailer.models import Event, Report, ReportMessage, utcnow
 from mailer.pgpmime import unwrap

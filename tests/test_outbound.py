@@ -12,7 +12,6 @@ from sqlalchemy import select, update
 from mailer.app import Service
 from mailer.config import Config
 from mailer.models import Event, OutboxMessage, utcnow
-from outbound.sender import MaildirTransport, Sender, SmtpTransport
 from tests.conftest import make_config, smtp_port
 from tests.relay import CaptureRelay
 from tests.test_intake import asend, report_bytes

@@ -15,7 +15,7 @@ from mailer.pipeline import PIPELINE
 from mailer.workflow import Processing
 from tests.conftest import smtp_port
 from tests.relay import CaptureRelay
-from tests.test_intake import CONTACT, asend, count, report_bytes
+from tests.test_intake import CONTACT, asend, report_bytes
 
 REPORTER = "rita@reporter.test"
 
