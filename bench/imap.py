@@ -28,12 +28,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import aioimaplib  # noqa: E402
+import contextlib
 
-from inbound.imap import ImapPoller, fetch_literals, search_uids, uid_set  # noqa: E402
-from mailer.config import ImapConfig  # noqa: E402
-from mailer.db import Database, upgrade  # noqa: E402
-from tests.dovecot import Dovecot, append_messages, make_message, start_dovecot  # noqa: E402
+import aioimaplib
+
+from inbound.imap import ImapPoller
+from inbound.imap_client import fetch_literals, search_uids, uid_set
+from mailer.config import ImapConfig
+from mailer.db import Database, upgrade
+from tests.dovecot import Dovecot, append_messages, make_message, start_dovecot
 
 BATCH = 100
 
@@ -74,10 +77,8 @@ async def service_catch_up(server: Dovecot, db: Database, expected: int) -> floa
         return time.perf_counter() - started
     finally:
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
 
 
 async def main(messages: int) -> dict[str, float]:

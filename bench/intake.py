@@ -422,7 +422,7 @@ def summary(r: dict[str, Any]) -> str:
          f"{lat99['service']:.2f}"),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False)))  # noqa: E731
     lines = [
         f"intake benchmark: n={r['n']} size={r['size_bytes']} B concurrency={r['concurrency']} "
         f"(persistent connections) warmup={r['warmup']} maintainers={r['maintainers']} database={r['database']}",

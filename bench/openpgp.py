@@ -8,9 +8,9 @@ with the client, the capture relay and the service stop helper of
 ``bench/intake.py``:
 
 * a service GNUPGHOME (short path under /tmp) with a freshly generated service
-  key (:meth:`mailer.crypto.OpenPGP.ensure_service_key`) and, unless
+  key (:meth:`mailer.openpgp.OpenPGP.ensure_service_key`) and, unless
   ``--no-maintainer-keys``, the public keys of the configured maintainers
-  (:meth:`~mailer.crypto.OpenPGP.import_public`), so notices go out encrypted;
+  (:meth:`~mailer.openpgp.OpenPGP.import_public`), so notices go out encrypted;
 * a client GNUPGHOME (``tests.gpgtools.Home``) that holds the service's public
   key and builds N Thunderbird-style PGP/MIME reports (inner text entity with
   protected headers, ``--size`` bytes of plaintext, encrypted to the service
@@ -26,7 +26,7 @@ with the client, the capture relay and the service stop helper of
 
 ``ratio_vs_gpg_decrypt`` = service_reports_per_s / gpg_decrypts_per_s. While
 the service runs, every gpg process it starts and every call of the main
-:class:`~mailer.crypto.OpenPGP` methods is counted and timed by a wrapper
+:class:`~mailer.openpgp.OpenPGP` methods is counted and timed by a wrapper
 installed by this script only, so the output also says where the time goes.
 The run is bounded by ``--timeout``; missing acks are an error (exit 1).
 """
@@ -71,8 +71,8 @@ from bench.intake import (  # noqa: E402
 )
 from mailer.app import Service  # noqa: E402
 from mailer.config import Config  # noqa: E402
-from mailer.crypto import BoundedGPG, OpenPGP  # noqa: E402
 from mailer.db import upgrade  # noqa: E402
+from mailer.openpgp import BoundedGPG, OpenPGP  # noqa: E402
 from tests.gpgtools import GPG, Home, inner_text_entity, pgpmime_encrypted  # noqa: E402
 from tests.relay import CaptureRelay  # noqa: E402
 
@@ -113,7 +113,7 @@ def prepare_keys(home: str, client: Home, args: argparse.Namespace) -> Keys:
     return Keys(fpr, maintainers)
 
 
-_WORDS = ("the parser reads past end of buffer when length field is zero and frobnicate copies header "
+_WORDS = ("the parser reads past end of buffer when length field is zero and frobnicate copies header "  # noqa: SIM905
           "into stack allocated array without checking size so attacker controlled input overwrites return "
           "address crash reproduces with asan on release builds heap chunk metadata corrupted after free "
           "offset 0x41 0x7ffd4c2a1b30 segfault in libfrob.so version 1.2.3 fixed upstream maybe").split()
@@ -139,7 +139,7 @@ def report_body(i: int, size: int) -> str:
     return intro + "\n".join(lines)
 
 
-def make_report(client: Home, service_fpr: str, tag: str, i: int, size: int, run_id: str) -> EncryptedReport:
+def make_report(client: Home, service_fpr: str, tag: str, *, i: int, size: int, run_id: str) -> EncryptedReport:
     sender = f"reporter-{tag}-{i}-{run_id}@reporter.test"
     message_id = f"<{tag}-{i}-{run_id}@reporter.test>"
     subject = f"Heap overflow in frobnicate() #{i}"
@@ -154,7 +154,7 @@ def make_report(client: Home, service_fpr: str, tag: str, i: int, size: int, run
     return EncryptedReport(sender, message_id, raw, plaintext, armored)
 
 
-def make_reports(client: Home, service_fpr: str, tag: str, count: int, size: int, run_id: str,
+def make_reports(client: Home, service_fpr: str, tag: str, *, count: int, size: int, run_id: str,
                  threads: int) -> list[EncryptedReport]:
     build = functools.partial(make_report, client, service_fpr, tag, size=size, run_id=run_id)
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -273,14 +273,14 @@ class Meter:
                     meter.record(meter.calls, name, time.perf_counter() - t0)
             return wrapper
 
-        BoundedGPG._open_subprocess = open_subprocess  # type: ignore[method-assign]
+        BoundedGPG._open_subprocess = open_subprocess
         BoundedGPG._collect_output = collect_output  # type: ignore[method-assign]
         for name, fn in methods.items():
             setattr(OpenPGP, name, timed(name, fn))
         try:
             yield
         finally:
-            BoundedGPG._open_subprocess = open_orig  # type: ignore[method-assign]
+            BoundedGPG._open_subprocess = open_orig
             BoundedGPG._collect_output = collect_orig  # type: ignore[method-assign]
             for name, fn in methods.items():
                 setattr(OpenPGP, name, fn)
@@ -315,7 +315,7 @@ class ServiceResult:
     last_ack: float
 
 
-async def measure_service(reports: list[EncryptedReport], warmup: list[EncryptedReport], keys: Keys, home: str,
+async def measure_service(reports: list[EncryptedReport], warmup: list[EncryptedReport], *, keys: Keys, home: str,
                           workdir: Path, meter: Meter, args: argparse.Namespace) -> ServiceResult:
     db_url = f"sqlite:///{workdir / 'mailer.db'}"
     await asyncio.to_thread(upgrade, db_url)
@@ -374,13 +374,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     try:
         with tempfile.TemporaryDirectory(prefix="mailer-bench-") as tmp:
             keys = await asyncio.to_thread(prepare_keys, home, client, args)
-            reports = await asyncio.to_thread(make_reports, client, keys.service_fpr, "pgp", args.n, args.size,
-                                              run_id, args.threads)
-            warm = await asyncio.to_thread(make_reports, client, keys.service_fpr, "pgp-warm", max(1, args.warmup),
-                                           args.size, run_id, args.threads)
+            reports = await asyncio.to_thread(make_reports, client, keys.service_fpr, "pgp", count=args.n,
+                                              size=args.size, run_id=run_id, threads=args.threads)
+            warm = await asyncio.to_thread(make_reports, client, keys.service_fpr, "pgp-warm",
+                                           count=max(1, args.warmup), size=args.size, run_id=run_id,
+                                           threads=args.threads)
             gpg_elapsed, gpg_each = await asyncio.to_thread(gpg_baseline, home, reports, warm[0], args.deadline)
             with meter.installed():
-                svc = await measure_service(reports, warm[: args.warmup], keys, home, Path(tmp), meter, args)
+                svc = await measure_service(reports, warm[: args.warmup], keys=keys, home=home, workdir=Path(tmp),
+                                            meter=meter, args=args)
     finally:
         await asyncio.to_thread(kill_agent, home)
         shutil.rmtree(home, ignore_errors=True)

@@ -89,7 +89,7 @@ class LMTPServer(LMTP):
             await super().smtp_DATA(arg)
         except (asyncio.CancelledError, ConnectionError):
             raise
-        except Exception as error:  # noqa: BLE001 - translated to one 451 per recipient
+        except Exception as error:
             log.error("LMTP intake fault, answering 451: %s", error, exc_info=error)
             await self.push(TEMPFAIL)
         finally:

@@ -1,6 +1,8 @@
 """The composition root: the only module that wires ``inbound`` and ``outbound`` to the core.
 
 :class:`Service` owns the listeners, the worker and the sender in one event loop.
+The CLI asks this module for what it needs (:func:`open_database`,
+:func:`open_keyring`, :func:`import_imap_since`) and builds nothing itself.
 """
 
 from __future__ import annotations
@@ -10,26 +12,58 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable
-from datetime import datetime
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 from inbound.smtp import IntakeHandler, start_listener
 from mailer.classify import is_own_address
+from mailer.clock import SYSTEM, Clock
 from mailer.config import Config
-from mailer.crypto import OpenPGP, check_versions
+from mailer.correspondence import maintainer_key_problem
 from mailer.db import Database
 from mailer.errors import ConfigError
 from mailer.intake import IntakeWriter, Stored
-from mailer.models import utcnow
-from mailer.reminders import Reminders
+from mailer.openpgp import OpenPGP, check_versions
+from mailer.scheduler import Scheduler
 from mailer.worker import Worker
-from mailer.workflow import maintainer_key_problem
 from outbound.outbox import Outbox
 from outbound.sender import Sender, Transport, transport_for
 
 log = logging.getLogger(__name__)
+
+
+def open_database(config: Config, *, check: bool = True) -> Database:
+    """The configured database; with ``check``, refuse one that is not migrated to this version."""
+    db = Database(config.database_url)
+    if check:
+        db.check()
+    return db
+
+
+def open_keyring(config: Config) -> OpenPGP:
+    """The service's GnuPG home, with the configured bounds."""
+    return OpenPGP(
+        str(config.gnupg_home), passphrase=config.gnupg.secret(),
+        timeout=config.gnupg.timeout_seconds, max_output=config.gnupg.max_output_bytes,
+    )
+
+
+def open_scheduler(config: Config, db: Database, *, clock: Clock = SYSTEM) -> Scheduler:
+    """The disclosure timeline outside the service (``mailer schedule …``), with a ready outbox."""
+    gpg = open_keyring(config)
+    check_versions()
+    outbox = Outbox(config, gpg, clock=clock)
+    outbox.fingerprint = gpg.service_fingerprint()
+    outbox.public_key = gpg.export_public(outbox.fingerprint)
+    return Scheduler(db, config, outbox, gpg, clock=clock)
+
+
+async def import_imap_since(config: Config, db: Database, since: date) -> int:
+    """Take already-read messages from the IMAP mailbox (``mailer imap import``)."""
+    from inbound.imap import import_since
+
+    return await import_since(config.imap, db, since)
 
 
 class Service:
@@ -38,22 +72,20 @@ class Service:
         config: Config,
         *,
         db: Database | None = None,
-        clock: Callable[[], datetime] = utcnow,
+        clock: Clock = SYSTEM,
         transport: Transport | None = None,
     ) -> None:
         self.config = config
         self.db = db or Database(config.database_url)
         self.writer = IntakeWriter(self.db)
-        self.gpg = OpenPGP(
-            str(config.gnupg_home), passphrase=config.gnupg.secret(),
-            timeout=config.gnupg.timeout_seconds, max_output=config.gnupg.max_output_bytes,
-        )
+        self.clock = clock
+        self.gpg = open_keyring(config)
         self.outbox = Outbox(config, self.gpg, clock=clock)
         self.sender = Sender(self.db, transport or transport_for(config.relay_url, config.relay), clock=clock)
         self.worker = Worker(
             self.db, config, self.outbox, gpg=self.gpg, clock=clock, on_done=self.sender.wake.set, intake_busy=lambda: self.writer.busy
         )
-        self.reminders = Reminders(self.db, config, self.outbox, self.gpg, clock=clock)
+        self.scheduler = Scheduler(self.db, config, self.outbox, self.gpg, clock=clock)
         self.servers: dict[str, asyncio.Server] = {}
         self.tasks: list[asyncio.Task[None]] = []
         self.imap: Any = None  # inbound.imap.ImapPoller when [imap] enabled
@@ -85,7 +117,7 @@ class Service:
         """What this process is doing, JSON-ready (written to <data_dir>/health.json by the running service)."""
         return {
             "pid": os.getpid(),
-            "updated_at": utcnow().isoformat(),
+            "updated_at": self.clock().isoformat(),
             "listeners": {name: f"{host}:{port}" for name, (host, port) in self.listening().items()},
             "service_key": self.fingerprint,
             "imap": self.imap.health if self.imap is not None else None,
@@ -128,12 +160,12 @@ class Service:
         if background:
             self.tasks.append(asyncio.create_task(self.worker.run(), name="worker"))
             self.tasks.append(asyncio.create_task(self.sender.run(), name="sender"))
-            self.tasks.append(asyncio.create_task(self.reminders.run(), name="reminders"))
+            self.tasks.append(asyncio.create_task(self.scheduler.run(), name="schedule"))
             self.tasks.append(asyncio.create_task(self.write_health(), name="health"))
         if self.config.imap.enabled:
             from inbound.imap import ImapPoller
 
-            self.imap = ImapPoller(self.config.imap, self.db, on_stored=self._stored)
+            self.imap = ImapPoller(self.config.imap, self.db, on_stored=self._stored, clock=self.clock)
             self.tasks.append(asyncio.create_task(self.imap.run(), name="imap"))
 
     def listening(self) -> dict[str, tuple[str, int]]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -72,7 +72,7 @@ def authenticate(pgp: Unwrapped | None, config: Config, session: Session, now: d
         return Refused(f"the signing key {fingerprint} is not a maintainer's key")
     created = min((p.signature_created or 0) for p in parts)
     max_age = timedelta(hours=config.commands.max_signature_age_hours)
-    if not created or now - datetime.fromtimestamp(created, timezone.utc) > max_age:
+    if not created or now - datetime.fromtimestamp(created, UTC) > max_age:
         return Refused(f"the signature is older than {config.commands.max_signature_age_hours:g} hours")
     text = "\n".join(p.text for p in parts)
     digest = hashlib.sha256(f"{fingerprint}\n{created}\n{text}".encode("utf-8", "surrogatepass")).hexdigest()

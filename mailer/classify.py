@@ -11,13 +11,15 @@ _DAEMON = re.compile(r"^(mailer-daemon|postmaster|mail-daemon|mailerdaemon|bounc
 _AUTO_REPLY_HEADERS = ("X-Autoreply", "X-Autorespond", "X-Auto-Response-Suppress")
 
 
-class Kind(str, enum.Enum):
+class MessageKind(enum.StrEnum):
+    """What a received message is; each kind names its route (``mailer.pipeline.ROUTES``)."""
+
     NEW = "new"
     FOLLOWUP = "followup"
     BOUNCE = "bounce"
     AUTOREPLY = "autoreply"
-    IGNORED = "ignored"
-    SENDKEY = "sendkey"
+    IGNORED = "ignored"  # a bounce or auto-reply matching no report
+    SENDKEY = "sendkey"  # a request for the service's public key
     COMMAND = "command"  # looks like maintainer commands: authenticated or refused, never filed
 
 
@@ -42,7 +44,7 @@ def no_reply_reason(parsed: Parsed, envelope_from: str, contact: str) -> str | N
         return f"Auto-Submitted: {auto[:40]}"
     if precedence in ("bulk", "junk", "list"):
         return f"Precedence: {precedence}"
-    if any(name.lower().startswith("list-") for name in parsed.headers.keys()):
+    if any(name.lower().startswith("list-") for name in parsed.headers):
         return "mailing-list message (List-* header)"
     if _DAEMON.match(envelope_from) or _DAEMON.match(parsed.from_address or ""):
         return "sender is a mailer daemon"

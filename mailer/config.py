@@ -13,6 +13,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from datetime import time
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +154,7 @@ class ImapConfig(_Section):
         return value
 
     @model_validator(mode="after")
-    def _cleartext_only_on_loopback(self) -> "ImapConfig":
+    def _cleartext_only_on_loopback(self) -> ImapConfig:
         if self.enabled and not self.host:
             raise ValueError("imap.host is required when imap.enabled is true")
         if self.enabled and self.security == "none" and self.host not in ("127.0.0.1", "::1", "localhost"):
@@ -196,10 +197,91 @@ class CommandsConfig(_Section):
         return value
 
 
+_HOURS = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+
+
+def _addresses(value: Any) -> Any:
+    """A list of addresses; from the environment a comma-separated string."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+class AnnounceConfig(_Section):
+    """Public announce lists: the advance-disclosure and security-release mail (issue 8)."""
+
+    lists: tuple[str, ...] = ()
+    advance_notice_workdays: int = Field(5, ge=0, le=60)
+    preview_workdays: int = Field(1, ge=0, le=30)
+    advisory_base_url: str = "https://github.com/advisories"
+    project: str = ""
+
+    @field_validator("lists", mode="before")
+    @classmethod
+    def _lists_from_env(cls, value: Any) -> Any:
+        return _addresses(value)
+
+    @field_validator("lists")
+    @classmethod
+    def _lists(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for address in value:
+            if not re.fullmatch(r"[A-Za-z0-9._+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}", address):
+                raise ValueError(f"expected email addresses like sec-announce@example.org, got {address!r}")
+        return tuple(address.lower() for address in value)
+
+    @field_validator("advisory_base_url")
+    @classmethod
+    def _advisory(cls, value: str) -> str:
+        if not re.fullmatch(r"https://[^\s<>\"']{3,480}", value):
+            raise ValueError(f"expected an https:// URL, got {value!r}")
+        return value
+
+
+class PolicyConfig(_Section):
+    """The security policy's supported release lines (e.g. ["0.14"]); empty: any version."""
+
+    supported_versions: tuple[str, ...] = ()
+
+    @field_validator("supported_versions", mode="before")
+    @classmethod
+    def _versions_from_env(cls, value: Any) -> Any:
+        return _addresses(value)
+
+    @field_validator("supported_versions")
+    @classmethod
+    def _versions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for version in value:
+            if not re.fullmatch(r"[\w.+\-~]{1,100}", version):
+                raise ValueError(f"expected version lines like 0.14, got {version!r}")
+        return value
+
+
 class ScheduleConfig(_Section):
     holidays_country: str = ""
     timezone: str = "UTC"
     disclosure_workdays: int = Field(5, ge=1, le=90)
+    max_embargo_days: int = Field(90, ge=1)
+    max_advance_notice_days: int = Field(14, ge=1)
+    business_hours: str = "09:00-17:00"
+    triage_sla_workdays: int = Field(2, ge=1)
+    reminder_hour: int = Field(9, ge=0, le=23)
+
+    @field_validator("business_hours")
+    @classmethod
+    def _hours(cls, value: str) -> str:
+        match = _HOURS.match(value.replace(" ", ""))
+        if not match or (match[3], match[4]) <= (match[1], match[2]):
+            raise ValueError(f"expected HH:MM-HH:MM with the start before the end, like 09:00-17:00, got {value!r}")
+        return value.replace(" ", "")
+
+    @property
+    def business_start(self) -> time:
+        """The local hour at which date-only disclosures happen."""
+        return time.fromisoformat(self.business_hours.split("-")[0])
+
+    @property
+    def business_end(self) -> time:
+        return time.fromisoformat(self.business_hours.split("-")[1])
 
     @field_validator("timezone")
     @classmethod
@@ -268,6 +350,8 @@ class Config(_Section):
     gnupg: GnupgConfig = GnupgConfig()
     commands: CommandsConfig = CommandsConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    announce: AnnounceConfig = AnnounceConfig()
+    policy: PolicyConfig = PolicyConfig()
     worker: WorkerConfig = WorkerConfig()
     parsing: ParsingConfig = ParsingConfig()
     maintainers: tuple[Maintainer, ...] = ()
@@ -292,6 +376,11 @@ class Config(_Section):
     @property
     def hostname(self) -> str:
         return self.service.hostname or self.service.contact_domain
+
+    @property
+    def project(self) -> str:
+        """The project named in announcements: ``announce.project``, else ``service.project``."""
+        return self.announce.project or self.service.project
 
 
 _SECTIONS = {name: field.annotation for name, field in Config.model_fields.items() if name != "maintainers"}

@@ -86,13 +86,6 @@ def store_batch(db: Database, batch: list[Received]) -> list[Stored]:
     return [Stored(known[key], duplicate=key not in fresh or first[key] != i) for i, key in enumerate(keys)]
 
 
-def store_inbound(
-    db: Database, raw: bytes, *, transport: str, peer: str = "", mail_from: str = "", rcpt_tos: list[str] | tuple[str, ...] = ()
-) -> Stored:
-    """Commit one message exactly as received; a redelivery (same Message-ID *and* bytes) is recognised."""
-    return store_batch(db, [Received(raw, transport, peer, mail_from, tuple(rcpt_tos))])[0]
-
-
 class IntakeWriter:
     """Group commit for the edge: DATA commands that arrive together share one transaction.
 
@@ -138,7 +131,7 @@ class IntakeWriter:
                     if not future.done():
                         future.set_exception(exc)
             else:
-                for (_, future), result in zip(batch, results):
+                for (_, future), result in zip(batch, results, strict=False):
                     if not future.done():
                         future.set_result(result)
             finally:

@@ -1,64 +1,41 @@
-"""The maintainers' side of the pipeline: signed commands in, transcripts and status mail out.
+"""The command route: signed commands in, transcripts and status mail out.
 
-``run_commands`` is a pipeline step. A message whose text starts with a known
-command and that is signed by a maintainer's key, or comes from a maintainer's
-address, is a command message: it is authenticated (``mailer.authn``), its
-commands are applied atomically (``mailer.commands``), and the maintainer gets
-one transcript, encrypted to their pinned key. An unauthenticated one is
-refused with the reason, never executed. Other mail (a reporter writing
-``#accept``) continues down the pipeline as a normal message.
+A message classified as commands (its text starts with a known command and it
+claims a maintainer) is authenticated (``mailer.authn``); its commands are
+applied atomically (``mailer.commands``) and their typed effects applied here;
+the maintainer gets one transcript, encrypted to their pinned key. An
+unauthenticated one is refused with the reason, never executed.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import select
 
 from mailer import commands, tracking
-from mailer.authn import Authenticated, Refused, authenticate, maintainer_by_address, maintainer_by_fingerprint
-from mailer.classify import Kind, no_reply_reason
+from mailer.authn import Authenticated, Refused, authenticate
+from mailer.classify import no_reply_reason
+from mailer.commands import LeakAlert, MembersTold, ReporterReply, ReporterStatus
 from mailer.config import Maintainer
-from mailer.crypto import CryptoError
-from mailer.models import CommandSignature, EmbargoMember, Report
-from mailer.outgoing import Kind as MailKind
-from mailer.outgoing import Outgoing
-from mailer.workflow import (
-    Processing,
-    maintainer_key_problem,
-    notice_recipients,
-    record_outgoing,
-    reporter_key,
-    valid_recipient,
-)
+from mailer.correspondence import reporter_key
+from mailer.models import CommandSignature, EmbargoMember, Report, ReportMessage, ScheduledMail
+from mailer.openpgp import CryptoError
+from mailer.outgoing import MailKind, Outgoing
+from mailer.prepare import claimed_maintainer
+from mailer.processing import Processing
+from mailer.schedule import format_local
+from mailer.scheduler import facts_from_report
+from mailer.timeline import plan
 
 log = logging.getLogger(__name__)
-
-
-def _signed_maintainer(ctx: Processing) -> Maintainer | None:
-    if ctx.pgp is None:
-        return None
-    for part in ctx.pgp.text_parts:
-        maintainer = maintainer_by_fingerprint(ctx.config, part.signer_fpr)
-        if maintainer is not None:
-            return maintainer
-    return None
-
-
-def classify_commands(ctx: Processing) -> None:
-    """Mark command messages (before the report classification treats them as follow-ups)."""
-    if ctx.kind in (Kind.SENDKEY, Kind.BOUNCE) or not commands.looks_like_commands(ctx.p.body_text):
-        return
-    if _signed_maintainer(ctx) or maintainer_by_address(ctx.config, ctx.envelope_from, ctx.p.from_address):
-        ctx.kind = Kind.COMMAND
 
 
 def _named_report(ctx: Processing, auth: Authenticated) -> tuple[Report | None, str | None]:
     """The report named inside the signed text; an error if the unsigned headers point at another."""
     prefix = ctx.config.service.tracking_prefix
-    protected = ctx.pgp.protected_headers.get("Subject", "") if ctx.pgp else ""
+    protected = ctx.protected.protected_headers.get("Subject", "") if ctx.protected else ""
     named = tracking.find(prefix, auth.text) or tracking.find(prefix, protected)
     located = ctx.report.tracking_id if ctx.report is not None else None
     if named is None:
@@ -69,12 +46,57 @@ def _named_report(ctx: Processing, auth: Authenticated) -> tuple[Report | None, 
     return report, None if report is not None else f"no report {named}"
 
 
+class Services:
+    """What commands may ask of the service (:class:`mailer.commands.base.CommandServices`) for one message."""
+
+    def __init__(self, ctx: Processing) -> None:
+        self.ctx = ctx
+
+    def member_key_problem(self, address: str) -> str | None:
+        return self.ctx.mail.member_key_problem(address)
+
+    def import_keys(self, address: str) -> str:
+        blobs = self.ctx.protected.keys_found if self.ctx.protected is not None else []
+        if not blobs:
+            return f"no key attached for {address}"
+        imported: list[str] = []
+        for blob in blobs[:5]:
+            try:
+                imported += self.ctx.gpg.import_public(blob)
+            except CryptoError as exc:
+                return f"the attached key was not imported: {exc}"
+        found = self.ctx.mail.member_key(address)
+        if found is None:
+            return f"imported {', '.join(imported)}, but no usable key in it carries the address {address}"
+        return f"key {found} imported for {address}"
+
+    def reporter_key_problem(self, report: Report) -> str | None:
+        blob = reporter_key(self.ctx.session, report)
+        if blob is None:
+            return "the reporter has not sent an OpenPGP key"
+        try:
+            self.ctx.gpg.encrypt_to_key_blob(b"probe", blob)
+        except CryptoError as exc:
+            return f"the reporter's key cannot be used: {exc}"
+        return None
+
+    def schedule_lines(self, report: Report) -> list[str]:
+        ctx, cfg = self.ctx, self.ctx.config.schedule
+        facts = facts_from_report(ctx.session, report, lambda address: self.member_key_problem(address) is None)
+        sent = ctx.session.scalars(select(ScheduledMail).where(ScheduledMail.report_id == report.id)
+                                   .order_by(ScheduledMail.due_at))
+        lines = [f"{format_local(row.due_at, cfg)}  {row.kind:<15} {row.state}" + (f" ({row.reason})" if row.reason else "")
+                 for row in sent]
+        recorded = {row.key for row in ctx.session.scalars(select(ScheduledMail).where(ScheduledMail.report_id == report.id))}
+        for item in plan(facts, ctx.config, ctx.now):
+            if item.key not in recorded:
+                lines.append(f"{format_local(item.due_at, cfg)}  {item.kind:<15} {item.state}"
+                             + (f" ({item.reason})" if item.reason else ""))
+        return lines
+
+
 def run_commands(ctx: Processing) -> None:
-    if ctx.kind is not Kind.COMMAND:
-        return
-    ctx.stop = True
-    ctx.inbound.classification = Kind.COMMAND.value
-    auth = authenticate(ctx.pgp, ctx.config, ctx.session, ctx.now)
+    auth = authenticate(ctx.protected, ctx.config, ctx.session, ctx.now)
     if isinstance(auth, Refused):
         _refuse(ctx, auth.reason)
         return
@@ -82,42 +104,38 @@ def run_commands(ctx: Processing) -> None:
     report, problem = _named_report(ctx, auth)
     ctx.report = report
     cctx = commands.CommandContext(
-        ctx.session, ctx.config, auth.maintainer, auth.fingerprint, ctx.now, report, free_text, ctx.inbound.id
+        ctx.session, ctx.config, auth.maintainer, auth.fingerprint, ctx.now, report, free_text, ctx.inbound.id,
+        Services(ctx),
     )
     if problem is not None:
         outcomes = [commands.Outcome(i.line, False, problem) for i in invocations]
     else:
         outcomes = commands.apply_all(cctx, invocations)
-    ctx.session.add(CommandSignature(digest=auth.digest, fingerprint=auth.fingerprint, inbound_id=ctx.inbound.id, applied_at=ctx.now))
+    ctx.session.add(CommandSignature(digest=auth.digest, fingerprint=auth.fingerprint, inbound_id=ctx.inbound.id,
+                                     applied_at=ctx.now))
     if all(o.ok for o in outcomes):
-        _send_notifications(ctx, cctx)
+        _apply_effects(ctx, cctx)
         _tell_other_maintainers(ctx, auth.maintainer, outcomes)
     _transcript(ctx, auth.maintainer, outcomes, cctx.output)
 
 
-def _reply_to_maintainer(ctx: Processing, maintainer: Maintainer, subject: str, template: str, context: dict[str, Any]) -> None:
-    problem = maintainer_key_problem(ctx.gpg, maintainer.fingerprint)
-    detailed = problem is None
-    outbox = ctx.postman.enqueue(
-        ctx.session,
-        Outgoing(
-            kind=MailKind.NOTICE, to=maintainer.address, subject=subject, template=template,
-            context={**context, "detailed": detailed, "key_problem": problem},
-            report_id=ctx.report.id if ctx.report is not None else None,
-            in_reply_to=ctx.p.message_id, references=(ctx.p.message_id,) if ctx.p.message_id else (),
-            encrypt_to=(maintainer.fingerprint,) if detailed else (),
-        ),
-    )
-    if ctx.report is not None:
-        record_outgoing(ctx, outbox, "transcript")
+def _reply_to_maintainer(ctx: Processing, maintainer: Maintainer, subject: str, template: str,
+                         context: dict[str, Any]) -> None:
+    msgid = ctx.m.message_id
+    outbox = ctx.mail.to_maintainer(maintainer, Outgoing(
+        kind=MailKind.NOTICE, to="", subject=subject, template=template, context=context,
+        report_id=ctx.report.id if ctx.report is not None else None,
+        in_reply_to=msgid, references=(msgid,) if msgid else (),
+    ), reply=True)
+    ctx.record_outgoing(outbox, "transcript")
 
 
 def _refuse(ctx: Processing, reason: str) -> None:
     """Commands that are not authenticated are never run; the maintainer named is told why."""
-    ctx.event("command.refused", reason=reason, message_id=ctx.p.message_id)
+    ctx.event("command.refused", reason=reason, message_id=ctx.m.message_id)
     log.warning("command message %s refused: %s", ctx.inbound.id, reason)
-    maintainer = _signed_maintainer(ctx) or maintainer_by_address(ctx.config, ctx.envelope_from, ctx.p.from_address)
-    if maintainer is None or no_reply_reason(ctx.p, ctx.envelope_from, ctx.config.service.contact):
+    maintainer = claimed_maintainer(ctx)
+    if maintainer is None or no_reply_reason(ctx.m, ctx.envelope_from, ctx.config.service.contact):
         return
     # Sent to the configured address, not the (forgeable) sender: a forgery alerts the real maintainer.
     _reply_to_maintainer(ctx, maintainer, "Commands refused", "refused.txt.j2", {"reason": reason})
@@ -125,72 +143,95 @@ def _refuse(ctx: Processing, reason: str) -> None:
 
 def _transcript(ctx: Processing, maintainer: Maintainer, outcomes: list[commands.Outcome], output: list[str]) -> None:
     ok = all(o.ok for o in outcomes)
-    tid = ctx.report.tracking_id if ctx.report is not None else None
-    subject = f"[{tid}] Commands {'applied' if ok else 'NOT applied'}" if tid else f"Commands {'applied' if ok else 'NOT applied'}"
-    members = []
+    verdict = f"Commands {'applied' if ok else 'NOT applied'}"
+    subject = f"[{ctx.report.tracking_id}] {verdict}" if ctx.report is not None else verdict
+    members: list[str] = []
     if ctx.report is not None:
-        members = list(ctx.session.scalars(select(EmbargoMember.address).where(EmbargoMember.report_id == ctx.report.id)))
+        query = select(EmbargoMember.address).where(EmbargoMember.report_id == ctx.report.id)
+        members = list(ctx.session.scalars(query))
     _reply_to_maintainer(
         ctx, maintainer, subject, "transcript.txt.j2",
         {"outcomes": outcomes, "ok": ok, "report": ctx.report, "output": output, "embargo": members},
     )
 
 
-_SILENT = frozenset({"status", "list", "help", "report"})
-
-
 def _tell_other_maintainers(ctx: Processing, actor: Maintainer, outcomes: list[commands.Outcome]) -> None:
     """Changes reach the other maintainers (or only the incident manager), encrypted like every notice."""
-    changes = [o for o in outcomes if o.line[1:].split(" ", 1)[0] not in _SILENT]
+    changes = [o for o in outcomes if o.changes]
     if ctx.report is None or not changes:
         return
-    for maintainer in notice_recipients(ctx.config, ctx.report):
-        if maintainer.address == actor.address:
-            continue
-        _reply_to_maintainer(
-            ctx, maintainer, f"[{ctx.report.tracking_id}] Changed by {actor.name}", "changes.txt.j2",
-            {"report": ctx.report, "outcomes": changes, "actor": actor},
-        )
+    for maintainer in ctx.mail.maintainers_for(ctx.report):
+        if maintainer.address != actor.address:
+            _reply_to_maintainer(
+                ctx, maintainer, f"[{ctx.report.tracking_id}] Changed by {actor.name}", "changes.txt.j2",
+                {"report": ctx.report, "outcomes": changes, "actor": actor},
+            )
 
 
-def _send_notifications(ctx: Processing, cctx: commands.CommandContext) -> None:
+def _apply_effects(ctx: Processing, cctx: commands.CommandContext) -> None:
     report = ctx.report
-    for kind, data in cctx.notify:
-        if report is None:
-            continue
-        if kind == "leak":
-            for maintainer in ctx.config.maintainers:
-                _reply_to_maintainer(ctx, maintainer, f"[{report.tracking_id}] ALERT: leak recorded", "leak.txt.j2",
-                                     {"report": report, "text": data["text"], "by": cctx.actor.address})
-            continue
-        if not _to_reporter(ctx, report, kind, data):
-            cctx.output.append(f"Note: the {kind} mail to the reporter could not be encrypted "
-                               "(they have not sent an OpenPGP key) and went out signed only.")
+    if report is None:
+        return
+    for effect in cctx.effects:
+        match effect:
+            case LeakAlert(who=who, what=what):
+                leak = {"report": report, "who": who, "text": what, "by": cctx.actor.address}
+                for maintainer in ctx.config.maintainers:
+                    _reply_to_maintainer(ctx, maintainer, f"[{report.tracking_id}] ALERT: leak recorded", "leak.txt.j2",
+                                         leak)
+                _to_members(ctx, cctx, report, MembersTold(f"[{report.tracking_id}] Embargo: leak recorded",
+                                                           "leak_member.txt.j2", leak))
+            case MembersTold():
+                _to_members(ctx, cctx, report, effect)
+            case ReporterReply(text=text, unencrypted=unencrypted):
+                _to_reporter(ctx, cctx, report, "reply", subject="Re: your security report", template="reply.txt.j2",
+                             context={"text": text},
+                             must_encrypt=bool(report.flags.get("encrypted")) and not unencrypted)
+            case ReporterStatus(change=change, reason=reason, disclose_at=disclose_at):
+                status: dict[str, Any] = {"change": change}
+                if reason is not None:
+                    status["reason"] = reason
+                if disclose_at is not None:
+                    status["disclose_at"] = disclose_at
+                _to_reporter(ctx, cctx, report, "status", subject=f"Status: {change}", template="status.txt.j2", context=status)
 
 
-def _to_reporter(ctx: Processing, report: Report, kind: str, data: dict[str, Any]) -> bool:
-    """Status changes and #reply text go to the reporter, encrypted to their key when we have one.
+def _to_members(ctx: Processing, cctx: commands.CommandContext, report: Report, told: MembersTold) -> None:
+    """Each embargo member, encrypted to their key; the transcript names those who got nothing."""
+    members = ctx.session.scalars(select(EmbargoMember.address).where(EmbargoMember.report_id == report.id))
+    for address in members:
+        outbox = ctx.mail.to_member(address, Outgoing(
+            kind=MailKind.NOTICE, to="", subject=told.subject, template=told.template, context=told.context,
+            report_id=report.id,
+        ))
+        if outbox is None:
+            cctx.output.append(f"Note: embargo member {address} was NOT told (no usable OpenPGP key).")
+        ctx.record_outgoing(outbox, "embargo")
 
-    Returns whether the mail was encrypted (or not sent at all).
-    """
-    if valid_recipient(report.reporter) is None:
-        ctx.event(f"{kind}.not_sent", reason=f"reporter address {report.reporter!r} is not deliverable")
-        return True
-    key_blob = reporter_key(ctx.session, report)
-    private = key_blob is not None or not report.flags.get("encrypted")
-    template = "reply.txt.j2" if kind == "reply" else "status.txt.j2"
-    subject = f"[{report.tracking_id}] " + ("Re: your security report" if kind == "reply" else f"Status: {data.get('change')}")
-    outgoing = Outgoing(
-        kind=MailKind.NOTICE, to=report.reporter, subject=subject, template=template,
-        context={"report": report, "private": private, **data},
-        report_id=report.id, key_blob=key_blob, attach_key=key_blob is None,
-    )
-    try:
-        outbox = ctx.postman.enqueue(ctx.session, outgoing)
-    except CryptoError as exc:  # the reporter's key is expired or cannot encrypt
-        ctx.event(f"{kind}.reporter_key_unusable", reason=str(exc))
-        private = not report.flags.get("encrypted")
-        outgoing = replace(outgoing, key_blob=None, attach_key=True, context={**outgoing.context, "private": private})
-        outbox = ctx.postman.enqueue(ctx.session, outgoing)
-    record_outgoing(ctx, outbox, kind)
-    return outgoing.key_blob is not None
+
+def _reporter_thread(ctx: Processing, report: Report) -> tuple[str | None, tuple[str, ...]]:
+    """Mail to the reporter answers their last message."""
+    query = (select(ReportMessage.message_id)
+             .where(ReportMessage.report_id == report.id, ReportMessage.direction == "in",
+                    ReportMessage.sender == report.reporter, ReportMessage.message_id.is_not(None))
+             .order_by(ReportMessage.id.desc()).limit(10))
+    ids = [m for m in ctx.session.scalars(query) if m]
+    return (ids[0] if ids else None), tuple(reversed(ids))
+
+
+def _to_reporter(ctx: Processing, cctx: commands.CommandContext, report: Report, kind: str, *, subject: str,
+                 template: str, context: dict[str, Any], must_encrypt: bool = False) -> None:
+    """Status changes and #reply text go to the reporter, encrypted to their key when we have one."""
+    in_reply_to, references = _reporter_thread(ctx, report)
+    sent = ctx.mail.to_reporter(report, Outgoing(
+        kind=MailKind.NOTICE, to="", subject=f"[{report.tracking_id}] {subject}", template=template,
+        context=context, report_id=report.id, in_reply_to=in_reply_to, references=references,
+    ), what=kind, must_encrypt=must_encrypt)
+    if sent is None:
+        if must_encrypt:
+            cctx.output.append(f"Note: the {kind} mail was NOT sent: it could not be encrypted to the reporter.")
+        return
+    ctx.record_outgoing(sent.outbox, kind)
+    if not sent.encrypted:
+        cctx.output.append(f"Note: the {kind} mail to the reporter could not be encrypted "
+                           "(they have not sent an OpenPGP key) and went out signed only.")

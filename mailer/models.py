@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, ClassVar
 
 from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.engine import Dialect
@@ -13,7 +13,7 @@ from sqlalchemy.types import TypeDecorator
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -27,24 +27,24 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given to the database; use mailer.models.utcnow()")
-        return value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value.astimezone(UTC).replace(tzinfo=None)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        return None if value is None else value.replace(tzinfo=timezone.utc)
+        return None if value is None else value.replace(tzinfo=UTC)
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
 
 
-class InboundState(str, enum.Enum):
+class InboundState(enum.StrEnum):
     RECEIVED = "received"  # stored, waiting for the worker
     RETRY = "retry"  # a step failed; retried after next_attempt_at
     DONE = "done"
     FAILED = "failed"  # gave up after max attempts; `mailer failed retry ID` replays it
 
 
-class ReportState(str, enum.Enum):
+class ReportState(enum.StrEnum):
     NEW = "new"
     ACKNOWLEDGED = "acknowledged"
     ACCEPTED = "accepted"
@@ -56,10 +56,11 @@ class ReportState(str, enum.Enum):
     DUPLICATE = "duplicate"
 
 
-class OutboxState(str, enum.Enum):
+class OutboxState(enum.StrEnum):
     PENDING = "pending"
     SENT = "sent"
     FAILED = "failed"  # permanent failure or retry deadline passed
+    DISMISSED = "dismissed"  # a failed one a human dealt with (`mailer outbox dismiss ID`)
 
 
 class InboundMessage(Base):
@@ -119,6 +120,14 @@ class Report(Base):
     release_url: Mapped[str | None] = mapped_column(String(500))
     disclose_at: Mapped[datetime | None] = mapped_column(index=True)
     duplicate_of: Mapped[str | None] = mapped_column(String(32))
+    # The disclosure timeline (mailer.timeline, mailer.scheduler).
+    accepted_at: Mapped[datetime | None] = mapped_column()
+    cve_none: Mapped[bool] = mapped_column(default=False)  # `#cve none`: the release needs no CVE id
+    published_at: Mapped[datetime | None] = mapped_column()  # the release email went out
+    leaked_at: Mapped[datetime | None] = mapped_column()  # latest `#leak`
+    publish_token_hash: Mapped[str | None] = mapped_column(String(64))  # sha256 of the one-time `#publish` token
+    publish_token_until: Mapped[datetime | None] = mapped_column()
+    publish_requested_at: Mapped[datetime | None] = mapped_column()  # `#publish TOKEN`: release at once
 
     messages: Mapped[list[ReportMessage]] = relationship(back_populates="report", order_by="ReportMessage.id")
     events: Mapped[list[Event]] = relationship(back_populates="report", order_by="Event.id")
@@ -251,3 +260,33 @@ class CommandSignature(Base):
     fingerprint: Mapped[str] = mapped_column(String(64))
     inbound_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"))
     applied_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ScheduledMailState(enum.StrEnum):
+    PLANNED = "planned"  # only in a plan, never stored
+    HELD = "held"  # due, but not sent (e.g. an incomplete release); recorded once
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class ScheduledMail(Base):
+    """A timeline mail that fell due: the row with its unique key is the claim that it was handled.
+
+    A shared advance notice has no ``report_id``; its reports' tracking ids are in ``reports``.
+    """
+
+    __tablename__ = "scheduled_mail"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), unique=True)
+    report_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id"), index=True)
+    reports: Mapped[list[Any]] = mapped_column(default=list)
+    kind: Mapped[str] = mapped_column(String(32))
+    due_at: Mapped[datetime] = mapped_column()
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    recipients: Mapped[list[Any]] = mapped_column(default=list)
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    sent_at: Mapped[datetime | None] = mapped_column()
+    late_seconds: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

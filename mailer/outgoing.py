@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from mailer.models import OutboxMessage
 
 
-class Kind(str, enum.Enum):
+class MailKind(enum.StrEnum):
     ACK = "ack"  # auto-reply to a reporter (RFC 3834 rules apply)
     NOTICE = "notice"  # to maintainers
     ALERT = "alert"  # something needs a human
@@ -24,7 +24,7 @@ class Kind(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Outgoing:
-    kind: Kind
+    kind: MailKind
     to: str
     subject: str
     template: str

@@ -8,14 +8,14 @@ reach an outgoing header goes through :func:`header_safe`.
 from __future__ import annotations
 
 import re
-import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import getaddresses, parseaddr
 
 from mailer.config import ParsingConfig
+from mailer.text import header_safe
 
 # The fields the security policy asks reporters for.
 FIELDS = {
@@ -32,7 +32,6 @@ _FIELD_NAMES = {
 }
 _HEADING = re.compile(r"^\s*(?:#{1,6}\s*|\*\*)?(?P<name>[A-Za-z][A-Za-z ()/]{1,40}?)(?:\*\*)?\s*:?\s*(?:\*\*)?\s*$")
 _KEYLINE = re.compile(r"^\s*(?P<name>[A-Za-z][A-Za-z ()/]{1,40}?)\s*:\s+(?P<value>\S.*)$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]")
 
 
 class Unparseable(Exception):
@@ -61,35 +60,29 @@ def normalise_line_endings(raw: bytes) -> bytes:
     return head + (b"\n\n" if sep else b"") + body
 
 
-def header_safe(text: str | None, limit: int = 200) -> str:
-    """Text fit for an outgoing header: no control or line-separator characters, bounded length."""
-    if not text:
-        return ""
-    text = unicodedata.normalize("NFC", str(text))
-    text = _CONTROL.sub(" ", text)
-    text = " ".join(text.split())
-    return text[:limit]
-
-
-@dataclass
+@dataclass(frozen=True)
 class AttachmentData:
     filename: str
     content_type: str
     data: bytes
 
 
-@dataclass
+@dataclass(frozen=True)
 class Parsed:
-    """What the workflow needs from a message; ``error`` is set when the body could not be parsed."""
+    """The received message parsed once (immutable); ``error`` is set when the body could not be parsed.
+
+    OpenPGP unwrapping never changes it: its result is a separate view
+    (``mailer.processing.Processing.protected``).
+    """
 
     headers: Message
     message: EmailMessage | None
     subject: str
     from_address: str
     message_id: str | None
-    references: list[str]
+    references: tuple[str, ...]
     body_text: str = ""
-    attachments: list[AttachmentData] = field(default_factory=list)
+    attachments: tuple[AttachmentData, ...] = ()
     error: str | None = None
 
     def header(self, name: str) -> str:
@@ -121,7 +114,7 @@ def _depth(message: Message, limits: ParsingConfig) -> None:
             raise Unparseable(f"more than {limits.max_parts} MIME parts")
         payload = part.get_payload() if part.is_multipart() else None
         if isinstance(payload, list):
-            stack.extend((child, depth + 1) for child in payload)
+            stack.extend((child, depth + 1) for child in payload if isinstance(child, Message))
 
 
 def _text_of(part: Message) -> str:
@@ -162,26 +155,31 @@ def parse_message(raw: bytes, limits: ParsingConfig) -> Parsed:
         subject = str(headers.get("Subject", "") or "")
     except Exception:  # noqa: BLE001 - a malformed encoded word must not lose the message
         subject = ""
-    parsed = Parsed(
-        headers=headers,
-        message=None,
-        subject=header_safe(subject, 500),
-        from_address=_first_address(headers),
-        message_id=(_msgids(str(headers.get("Message-ID", "") or "")) or [None])[0],
-        references=_msgids(str(headers.get("In-Reply-To", "") or "")) + _msgids(str(headers.get("References", "") or "")),
-    )
+    message: EmailMessage | None = None
+    body_text, error = "", None
+    attachments: list[AttachmentData] = []
     try:
         _count_structure(normalised, limits)
-        message = BytesParser(policy=policy.default).parsebytes(normalised)
-        _depth(message, limits)
-        assert isinstance(message, EmailMessage)
-        parsed.message = message
-        parsed.body_text, parsed.attachments = _walk(message, limits)
+        parsed = BytesParser(policy=policy.default).parsebytes(normalised)
+        _depth(parsed, limits)
+        assert isinstance(parsed, EmailMessage)
+        message = parsed
+        body_text, attachments = _walk(message, limits)
     except Unparseable as exc:
-        parsed.error = str(exc)
+        error = str(exc)
     except RecursionError:
-        parsed.error = "MIME structure too deeply nested"
-    return parsed
+        error = "MIME structure too deeply nested"
+    return Parsed(
+        headers=headers,
+        message=message,
+        subject=header_safe(subject, 500),
+        from_address=_first_address(headers),
+        message_id=next(iter(_msgids(str(headers.get("Message-ID", "") or ""))), None),
+        references=tuple(_msgids(str(headers.get("In-Reply-To", "") or "")) + _msgids(str(headers.get("References", "") or ""))),
+        body_text=body_text,
+        attachments=tuple(attachments),
+        error=error,
+    )
 
 
 def _first_address(headers: Message) -> str:

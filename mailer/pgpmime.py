@@ -1,53 +1,51 @@
-"""PGP/MIME (RFC 3156) and inline PGP at the message level.
+"""Reading PGP/MIME (RFC 3156) and inline PGP in received messages.
 
 :func:`unwrap` turns the raw bytes of a received message into text parts and
 attachments, each flagged with how it was protected.  It works on the raw
-bytes with its own boundary splitter, so a multipart/signed first part is
-verified over exactly the bytes that were received (line endings normalised
-to CRLF, as RFC 3156 requires) and never over a re-serialised message.
-It never raises on bad input: structural problems, limits (depth, part count,
-number of decryptions) and failed decryptions end up in ``errors``/``reason``.
+bytes with its own boundary splitter (:mod:`mailer.mimetree`), so a
+multipart/signed first part is verified over exactly the bytes that were
+received (line endings normalised to CRLF, as RFC 3156 requires) and never
+over a re-serialised message.  A bare CR or LF in the header block of a CRLF
+message is not a line break (:func:`mailer.mimetree.normalise_message`).
+It never raises on bad input: structural problems, limits (depth and part
+count from :class:`mailer.config.ParsingConfig`, :data:`MAX_DECRYPTIONS`)
+and failed decryptions end up in ``errors``/``reason``.
 
 Rules: content outside the encrypted part is never merged into the decrypted
 text (it is kept as separate, unencrypted parts and ``partly_encrypted`` is
 set); ``protected_headers`` only come from inside a decrypted payload;
 ``signer_fpr`` is only set on parts whose signature is valid.
 
-:func:`build_signed` and :func:`build_encrypted` create RFC 3156 messages.
-Serialise their result with ``msg.as_bytes(policy=email.policy.SMTP)``.
+Building PGP/MIME messages is :mod:`outbound.pgpmime`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import copy
-import email
 import email.errors
-import email.policy
-import email.utils
-import quopri
 import re
-import secrets
 from dataclasses import dataclass, field
-from email.header import decode_header, make_header
-from email.message import EmailMessage, Message
-from email.parser import BytesHeaderParser
-from typing import Iterable
+from email.message import Message
 
-from mailer.crypto import CryptoError, OpenPGP, SignatureResult
+from mailer.config import ParsingConfig
+from mailer.mimetree import (
+    Entity,
+    LimitExceeded,
+    MimeParser,
+    decode_header_value,
+    looks_like_mime,
+    normalise_crlf,
+    normalise_message,
+)
+from mailer.openpgp import OpenPGP, SignatureResult
 
-__all__ = ["Attachment", "TextPart", "Unwrapped", "build_encrypted", "build_signed", "unwrap",
-           "MAX_DEPTH", "MAX_PARTS", "MAX_DECRYPTIONS"]
+__all__ = ["MAX_DECRYPTIONS", "PROTECTED_HEADER_NAMES", "Attachment", "TextPart", "Unwrapped", "unwrap"]
 
-MAX_DEPTH = 16
-MAX_PARTS = 500
 MAX_DECRYPTIONS = 4
-ENCRYPTED_SUBJECT = "..."
 PROTECTED_HEADER_NAMES = ("Subject", "From", "To", "Cc", "Reply-To", "Date", "Message-ID",
                           "In-Reply-To", "References")
 
-_COMPAT = email.policy.compat32
 _ARMOR_RE = re.compile(
     r"^-----BEGIN PGP (?P<kind>MESSAGE|SIGNED MESSAGE)-----[ \t]*\r?$"
     r".*?"
@@ -117,150 +115,57 @@ class Unwrapped:
         return "\n".join(p.text for p in self.text_parts)
 
 
-# --------------------------------------------------------------------------- raw MIME tree
-
-
-class _LimitExceeded(Exception):
-    """Input exceeds a structural limit (depth, part count, decryptions)."""
-
-
-@dataclass
-class _Entity:
-    """A MIME entity as received: its exact bytes, parsed headers and children."""
-
-    raw: bytes
-    headers: Message
-    body: bytes
-    children: list["_Entity"]
-    depth: int
-
-    @property
-    def ctype(self) -> str:
-        return self.headers.get_content_type()
-
-    def param(self, name: str) -> str | None:
-        value = self.headers.get_param(name)
-        if isinstance(value, tuple):  # RFC 2231
-            value = email.utils.collapse_rfc2231_value(value)
-        return str(value) if value is not None else None
-
-    def payload(self) -> bytes:
-        """The body decoded from its Content-Transfer-Encoding."""
-        cte = (self.headers.get("Content-Transfer-Encoding") or "").strip().lower()
-        if cte == "base64":
-            try:
-                return base64.b64decode(re.sub(rb"[^A-Za-z0-9+/=]", b"", self.body) + b"===")
-            except (binascii.Error, ValueError):
-                return b""
-        if cte == "quoted-printable":
-            return quopri.decodestring(self.body)
-        return self.body
-
-    def text(self) -> str:
-        charset = self.headers.get_content_charset() or "utf-8"
-        data = self.payload()
-        try:
-            return data.decode(charset, errors="replace")
-        except LookupError:
-            return data.decode("utf-8", errors="replace")
-
-    def filename(self) -> str | None:
-        name = self.headers.get_filename() or self.param("name")
-        return str(make_header(decode_header(name))) if name else None
-
-
-def normalise_crlf(data: bytes) -> bytes:
-    """Convert LF and CRLF line endings to CRLF."""
-    return re.sub(rb"\r?\n", b"\r\n", data)
-
-
-class _Parser:
-    """Bounded parser of raw (CRLF) MIME bytes into :class:`_Entity` trees."""
-
-    def __init__(self) -> None:
-        self.parts = 0
-
-    def parse(self, raw: bytes, depth: int) -> _Entity:
-        self.parts += 1
-        if self.parts > MAX_PARTS:
-            raise _LimitExceeded(f"more than {MAX_PARTS} MIME parts")
-        if depth > MAX_DEPTH:
-            raise _LimitExceeded(f"MIME nesting deeper than {MAX_DEPTH}")
-        if raw.startswith(b"\r\n"):
-            head, body = b"", raw[2:]
-        else:
-            head, sep, body = raw.partition(b"\r\n\r\n")
-            if not sep:
-                head, body = raw, b""
-        headers = BytesHeaderParser(policy=_COMPAT).parsebytes(head + b"\r\n\r\n")
-        entity = _Entity(raw, headers, body, [], depth)
-        if entity.ctype.startswith("multipart/"):
-            boundary = headers.get_boundary()
-            if boundary:
-                entity.children = [self.parse(p, depth + 1) for p in split_multipart(body, boundary)]
-        return entity
-
-
-def split_multipart(body: bytes, boundary: str) -> list[bytes]:
-    """The exact bytes of each body part (RFC 2046: the CRLF before a delimiter belongs to it)."""
-    delim = re.escape(b"--" + boundary.encode("ascii", "replace"))
-    pattern = re.compile(rb"(?:\A|\r\n)" + delim + rb"(--)?[ \t]*(?=\r\n|\Z)")
-    parts: list[bytes] = []
-    start: int | None = None
-    for match in pattern.finditer(body):
-        if start is not None:
-            parts.append(body[start:match.start()])
-        if match.group(1):
-            return parts
-        start = match.end() + 2
-    if start is not None:  # no close delimiter: take the rest (lenient)
-        parts.append(body[start:])
-    return parts
-
-
 # --------------------------------------------------------------------------- unwrap
 
 
 @dataclass(frozen=True)
 class _Ctx:
+    """How the content being walked is protected."""
+
     encrypted: bool = False
     sig: SignatureResult | None = None
     top_of_decrypted: bool = False
+
+    @property
+    def signer_fpr(self) -> str | None:
+        return self.sig.signer_fpr if self.sig is not None and self.sig.valid else None
+
+    @property
+    def valid(self) -> bool:
+        return self.sig is not None and self.sig.valid
+
+    def inherit(self) -> _Ctx:
+        """The protection of a child entity (``top_of_decrypted`` does not carry over)."""
+        return _Ctx(self.encrypted, self.sig)
 
 
 class _Walker:
     """Walks an entity tree, decrypting/verifying and collecting results."""
 
-    def __init__(self, gpg: OpenPGP, out: Unwrapped) -> None:
+    def __init__(self, gpg: OpenPGP, out: Unwrapped, limits: ParsingConfig) -> None:
         self.gpg = gpg
         self.out = out
-        self.parser = _Parser()
+        self.parser = MimeParser(max_parts=limits.max_parts, max_depth=limits.max_depth)
         self.decryptions = 0
 
     # ---------------------------------------------------------------- collect
 
-    def _flags(self, ctx: _Ctx) -> dict[str, object]:
-        sig = ctx.sig
-        valid = bool(sig and sig.valid)
-        return {"encrypted": ctx.encrypted, "signed": sig is not None, "signature_valid": valid,
-                "signer_fpr": sig.signer_fpr if sig and sig.valid else None}
-
     def add_text(self, text: str, ctx: _Ctx, content_type: str = "text/plain") -> None:
-        flags = self._flags(ctx)
-        reason = ctx.sig.reason if ctx.sig else "no signature"
-        text = text.replace("\r\n", "\n")
-        created = ctx.sig.created if ctx.sig else None
-        self.out.text_parts.append(TextPart(text=text, content_type=content_type, signature_reason=reason,
-                                            signature_created=created, **flags))  # type: ignore[arg-type]
+        sig = ctx.sig
+        self.out.text_parts.append(TextPart(
+            text=text.replace("\r\n", "\n"), encrypted=ctx.encrypted, signed=sig is not None,
+            signer_fpr=ctx.signer_fpr, signature_valid=ctx.valid,
+            signature_reason=str(sig.reason) if sig is not None else "no signature",
+            content_type=content_type, signature_created=sig.created if sig is not None else None))
 
-    def add_attachment(self, ent: _Entity, ctx: _Ctx) -> None:
-        flags = self._flags(ctx)
-        self.out.attachments.append(Attachment(ent.filename(), ent.ctype, ent.payload(),
-                                               **flags))  # type: ignore[arg-type]
+    def add_attachment(self, ent: Entity, ctx: _Ctx) -> None:
+        self.out.attachments.append(Attachment(
+            ent.filename(), ent.ctype, ent.payload(), encrypted=ctx.encrypted, signed=ctx.sig is not None,
+            signer_fpr=ctx.signer_fpr, signature_valid=ctx.valid))
 
     # ---------------------------------------------------------------- dispatch
 
-    def walk(self, ent: _Entity, ctx: _Ctx) -> None:
+    def walk(self, ent: Entity, ctx: _Ctx) -> None:
         ctype = ent.ctype
         if ctype == "multipart/encrypted":
             self.encrypted(ent, ctx)
@@ -270,10 +175,10 @@ class _Walker:
             self.out.notes.append("repaired Exchange-mangled PGP/MIME")
             self.decrypt_payload(ent.children[2], ctx)
         elif ctype == "multipart/alternative" and ent.children:
-            self.walk(choose_alternative(ent.children), _Ctx(ctx.encrypted, ctx.sig))
+            self.walk(choose_alternative(ent.children), ctx.inherit())
         elif ctype.startswith("multipart/"):
             for child in ent.children:
-                self.walk(child, _Ctx(ctx.encrypted, ctx.sig))
+                self.walk(child, ctx.inherit())
         elif ctype == "text/plain" and ent.headers.get_content_disposition() != "attachment":
             self.text(ent, ctx)
         elif ctype == "application/pgp-keys":
@@ -281,7 +186,7 @@ class _Walker:
         else:
             self.add_attachment(ent, ctx)
 
-    def encrypted(self, ent: _Entity, ctx: _Ctx) -> None:
+    def encrypted(self, ent: Entity, ctx: _Ctx) -> None:
         problem = pgpmime_encrypted_problem(ent)
         if problem:
             self.out.errors.append(f"broken PGP/MIME encrypted structure: {problem}")
@@ -290,10 +195,13 @@ class _Walker:
             return
         self.decrypt_payload(ent.children[1], ctx)
 
-    def decrypt_payload(self, part: _Entity, ctx: _Ctx) -> None:
+    def count_decryption(self) -> None:
         self.decryptions += 1
         if self.decryptions > MAX_DECRYPTIONS:
-            raise _LimitExceeded(f"more than {MAX_DECRYPTIONS} encrypted parts")
+            raise LimitExceeded(f"more than {MAX_DECRYPTIONS} encrypted parts")
+
+    def decrypt_payload(self, part: Entity, ctx: _Ctx) -> None:
+        self.count_decryption()
         result = self.gpg.decrypt(part.payload())
         if not result.ok or result.data is None:
             self.out.errors.append(f"decryption failed: {result.reason}")
@@ -309,7 +217,7 @@ class _Walker:
         self.collect_protected_headers(entity)
         self.walk(entity, _Ctx(True, sig, top_of_decrypted=True))
 
-    def collect_protected_headers(self, entity: _Entity) -> None:
+    def collect_protected_headers(self, entity: Entity) -> None:
         source = entity
         if entity.ctype == "multipart/signed" and entity.children:
             source = entity.children[0]
@@ -318,13 +226,13 @@ class _Walker:
             if value is not None and name not in self.out.protected_headers:
                 self.out.protected_headers[name] = decode_header_value(value)
 
-    def signed(self, ent: _Entity, ctx: _Ctx) -> None:
+    def signed(self, ent: Entity, ctx: _Ctx) -> None:
         problem = pgpmime_signed_problem(ent)
         if problem:
             self.out.errors.append(f"broken PGP/MIME signed structure: {problem}")
             for child in ent.children:
                 if child.ctype != "application/pgp-signature":
-                    self.walk(child, _Ctx(ctx.encrypted, ctx.sig))
+                    self.walk(child, ctx.inherit())
             return
         first, sig_part = ent.children
         result = self.gpg.verify_detached(first.raw, sig_part.payload())
@@ -332,7 +240,7 @@ class _Walker:
             self.out.errors.append(f"signature not valid: {result.reason}")
         self.walk(first, _Ctx(ctx.encrypted, result, ctx.top_of_decrypted))
 
-    def text(self, ent: _Entity, ctx: _Ctx) -> None:
+    def text(self, ent: Entity, ctx: _Ctx) -> None:
         if ent.param("protected-headers") and ctx.encrypted and not ctx.top_of_decrypted:
             self.out.notes.append("skipped protected-headers legacy display part")
             return
@@ -356,12 +264,10 @@ class _Walker:
 
     def outside(self, segment: str, ctx: _Ctx) -> None:
         if segment.strip():
-            self.add_text(segment.strip("\r\n"), _Ctx(ctx.encrypted, ctx.sig))
+            self.add_text(segment.strip("\r\n"), ctx.inherit())
 
     def inline_encrypted(self, block: str, ctx: _Ctx) -> None:
-        self.decryptions += 1
-        if self.decryptions > MAX_DECRYPTIONS:
-            raise _LimitExceeded(f"more than {MAX_DECRYPTIONS} encrypted parts")
+        self.count_decryption()
         result = self.gpg.decrypt(block.encode("utf-8", errors="replace"))
         if not result.ok or result.data is None:
             self.out.errors.append(f"inline decryption failed: {result.reason}")
@@ -379,20 +285,7 @@ class _Walker:
         self.add_text(cleartext_body(block), _Ctx(ctx.encrypted, sig))
 
 
-def decode_header_value(value: str) -> str:
-    try:
-        return str(make_header(decode_header(value)))
-    except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
-        return value
-
-
-def looks_like_mime(data: bytes) -> bool:
-    """True if *data* starts with a header block holding a Content-Type."""
-    head = data.split(b"\r\n\r\n", 1)[0]
-    return bool(re.match(rb"[!-9;-~]+:", head)) and re.search(rb"(?im)^content-type:", head) is not None
-
-
-def choose_alternative(children: list[_Entity]) -> _Entity:
+def choose_alternative(children: list[Entity]) -> Entity:
     """Prefer text/plain (or an encrypted/signed structure), else the last alternative."""
     for child in children:
         if child.ctype in ("text/plain", "multipart/encrypted", "multipart/signed"):
@@ -415,7 +308,7 @@ def cleartext_body(block: str) -> str:
     return "\n".join(body)
 
 
-def pgpmime_encrypted_problem(ent: _Entity) -> str | None:
+def pgpmime_encrypted_problem(ent: Entity) -> str | None:
     """Why *ent* is not a well-formed RFC 3156 multipart/encrypted, or ``None``."""
     protocol = (ent.param("protocol") or "").lower()
     if protocol != "application/pgp-encrypted":
@@ -432,7 +325,7 @@ def pgpmime_encrypted_problem(ent: _Entity) -> str | None:
     return None
 
 
-def pgpmime_signed_problem(ent: _Entity) -> str | None:
+def pgpmime_signed_problem(ent: Entity) -> str | None:
     """Why *ent* is not a well-formed RFC 3156 multipart/signed, or ``None``."""
     protocol = (ent.param("protocol") or "").lower()
     if protocol != "application/pgp-signature":
@@ -444,7 +337,7 @@ def pgpmime_signed_problem(ent: _Entity) -> str | None:
     return None
 
 
-def is_exchange_mangled(ent: _Entity) -> bool:
+def is_exchange_mangled(ent: Entity) -> bool:
     """Exchange's rewrite of multipart/encrypted: empty text, version part, encrypted.asc."""
     if len(ent.children) != 3:
         return False
@@ -486,18 +379,22 @@ def _finish_flags(out: Unwrapped) -> None:
         out.partly_signed = True
 
 
-def unwrap(raw: bytes, gpg: OpenPGP) -> Unwrapped:
-    """Decrypt/verify a received message given as raw bytes.  Never raises on bad input."""
-    data = normalise_crlf(raw)
+def unwrap(raw: bytes, gpg: OpenPGP, *, limits: ParsingConfig) -> Unwrapped:
+    """Decrypt/verify a received message given as raw bytes.  Never raises on bad input.
+
+    *limits* bounds the MIME structure (``max_parts`` entities in all, decrypted
+    payloads included, nested at most ``max_depth`` deep).
+    """
+    data = normalise_message(raw)
     out = Unwrapped(raw=data)
-    walker = _Walker(gpg, out)
+    walker = _Walker(gpg, out, limits)
     try:
         top = walker.parser.parse(data, 0)
         keys, problems = autocrypt_keys(top.headers)
         out.keys_found.extend(keys)
         out.errors.extend(problems)
         walker.walk(top, _Ctx())
-    except _LimitExceeded as exc:
+    except LimitExceeded as exc:
         out.errors.append(f"message too complex: {exc}")
     except RecursionError:
         out.errors.append("message too complex: recursion limit")
@@ -505,131 +402,3 @@ def unwrap(raw: bytes, gpg: OpenPGP) -> Unwrapped:
         out.errors.append(f"malformed message: {exc}")
     _finish_flags(out)
     return out
-
-
-# --------------------------------------------------------------------------- building
-
-
-def _content_entity(msg: EmailMessage) -> EmailMessage:
-    """A copy of *msg* keeping only its Content-* headers (the body entity)."""
-    inner = copy.deepcopy(msg)
-    content_type = msg.get("Content-Type")
-    for name in {k.lower() for k in inner.keys()}:
-        if not name.startswith("content-"):
-            del inner[name]
-    if content_type is None:
-        inner["Content-Type"] = "text/plain; charset=us-ascii"
-    _make_7bit(inner)
-    return inner
-
-
-def _make_7bit(entity: Message) -> None:
-    """Re-encode 8bit/binary leaves (RFC 3156 §3: signed data must be 7bit)."""
-    for part in entity.walk():
-        if part.is_multipart():
-            continue
-        cte = (part.get("Content-Transfer-Encoding") or "7bit").lower()
-        if cte in ("base64", "quoted-printable"):
-            continue
-        payload = part.get_payload(decode=True) or b""
-        if cte == "7bit" and payload.isascii() and all(len(line) <= 998 for line in payload.splitlines()):
-            continue
-        del part["Content-Transfer-Encoding"]
-        if part.get_content_maintype() == "text":
-            part["Content-Transfer-Encoding"] = "quoted-printable"
-            part.set_payload(quopri.encodestring(normalise_crlf(payload).replace(b"\r\n", b"\n")).decode("ascii"))
-        else:
-            part["Content-Transfer-Encoding"] = "base64"
-            part.set_payload(base64.encodebytes(payload).decode("ascii"))
-
-
-def _serialise(entity: Message) -> bytes:
-    return entity.as_bytes(policy=email.policy.SMTP)
-
-
-def _boundary(*avoid: bytes) -> str:
-    while True:
-        candidate = "=-" + secrets.token_hex(12)
-        if not any(candidate.encode() in data for data in avoid):
-            return candidate
-
-
-def _wrapper(msg: EmailMessage, content_type: str, parts: Iterable[Message], preamble: str) -> EmailMessage:
-    out = EmailMessage(policy=email.policy.SMTP)
-    for name, value in msg.items():
-        if not name.lower().startswith("content-") and name.lower() != "mime-version":
-            out[name] = value
-    out["MIME-Version"] = "1.0"
-    out["Content-Type"] = content_type
-    out.preamble = preamble
-    out.set_payload(list(parts))
-    return out
-
-
-def _signed_entity(inner: EmailMessage, gpg: OpenPGP, outer: EmailMessage) -> EmailMessage:
-    signed_bytes = _serialise(inner)
-    signature = gpg.sign_detached(signed_bytes)
-    first = email.message_from_bytes(signed_bytes, policy=email.policy.SMTP)
-    sig = EmailMessage(policy=email.policy.SMTP)
-    sig["Content-Type"] = 'application/pgp-signature; name="signature.asc"'
-    sig["Content-Description"] = "OpenPGP digital signature"
-    sig["Content-Disposition"] = 'attachment; filename="signature.asc"'
-    sig.set_payload(signature.signature.decode("ascii"))
-    boundary = _boundary(signed_bytes)
-    content_type = (f'multipart/signed; micalg="{signature.micalg}"; '
-                    f'protocol="application/pgp-signature"; boundary="{boundary}"')
-    wrapped = _wrapper(outer, content_type, [first, sig],  # type: ignore[list-item]
-                       "This is an OpenPGP/MIME signed message (RFC 4880 and 3156)")
-    if b"\r\n" + signed_bytes + b"\r\n--" + boundary.encode() not in _serialise(wrapped):
-        raise CryptoError("signed part does not serialise to the signed bytes")
-    return wrapped
-
-
-def build_signed(msg: EmailMessage, gpg: OpenPGP) -> EmailMessage:
-    """RFC 3156 multipart/signed of *msg*'s body, signed by the service key.
-
-    The outer headers (From/To/Subject/Message-ID/...) move to the wrapper;
-    the signature covers the first part serialised with ``email.policy.SMTP``.
-    """
-    return _signed_entity(_content_entity(msg), gpg, msg)
-
-
-def build_encrypted(msg: EmailMessage, gpg: OpenPGP, recipients: list[str], *, key_blob: bytes | str | None = None,
-                    sign: bool = True, protect_subject: bool = True) -> EmailMessage:
-    """RFC 3156 multipart/encrypted of *msg*'s body.
-
-    Without *key_blob* the body is encrypted to the pinned *recipients* and,
-    with ``sign``, signed in the same OpenPGP message.  With *key_blob* (a
-    reporter's key, never imported into the service keyring) it is encrypted
-    to that key plus *recipients*; ``sign`` then nests an RFC 3156
-    multipart/signed inside the encryption (RFC 3156 §6.1).  With
-    ``protect_subject`` the real Subject (and From/To/Cc/Date) travel in the
-    encrypted part (``protected-headers="v1"``) and the outer Subject is "...".
-    """
-    inner = _content_entity(msg)
-    if protect_subject:
-        for name in ("Subject", "From", "To", "Cc", "Date"):
-            if msg.get(name) is not None:
-                inner[name] = msg[name]
-        inner.set_param("protected-headers", "v1")
-    if key_blob is not None:
-        payload_entity: Message = _signed_entity(inner, gpg, EmailMessage()) if sign else inner
-        ciphertext, _fpr = gpg.encrypt_to_key_blob(_serialise(payload_entity), key_blob, also_to=recipients)
-    else:
-        ciphertext = gpg.encrypt(_serialise(inner), recipients, sign=sign)
-    control = EmailMessage(policy=email.policy.SMTP)
-    control["Content-Type"] = "application/pgp-encrypted"
-    control["Content-Description"] = "PGP/MIME version identification"
-    control.set_payload("Version: 1\r\n")
-    body = EmailMessage(policy=email.policy.SMTP)
-    body["Content-Type"] = 'application/octet-stream; name="encrypted.asc"'
-    body["Content-Description"] = "OpenPGP encrypted message"
-    body["Content-Disposition"] = 'inline; filename="encrypted.asc"'
-    body.set_payload(ciphertext.decode("ascii"))
-    boundary = _boundary(ciphertext)
-    content_type = f'multipart/encrypted; protocol="application/pgp-encrypted"; boundary="{boundary}"'
-    outer = _wrapper(msg, content_type, [control, body],
-                     "This is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)")
-    if protect_subject and outer.get("Subject") is not None:
-        outer.replace_header("Subject", ENCRYPTED_SUBJECT)
-    return outer

@@ -1,33 +1,65 @@
-"""The processing pipeline: what happens to every stored message, in order.
+"""The processing pipeline: what happens to every stored message, as a table.
 
-Each step is a function of :class:`mailer.workflow.Processing`; a step may end
-the pipeline early (a command message, a key request, an ignored bounce).
+Every message takes the ``PREPARE`` steps; ``classify`` decides once what it
+is, and the message then follows that kind's route. No step re-checks the
+kind. All steps of one message run in one database transaction (the worker's):
+the report, its events and its outgoing mail are committed together or not at
+all. A step that raises is re-raised as :class:`StepError` naming it.
+
+    parse → unwrap_openpgp → classify ─┬─ new       → file_report, bind_keys, acknowledge, notify_maintainers
+                                       ├─ followup  → thread, bind_keys, notify_maintainers
+                                       ├─ bounce    → thread
+                                       ├─ autoreply → thread
+                                       ├─ command   → run_commands
+                                       ├─ sendkey   → answer_sendkey
+                                       └─ ignored   → ignore
 """
 
 from __future__ import annotations
 
-from mailer.maintainers import classify_commands, run_commands
-from mailer.workflow import (
-    Step,
-    acknowledge,
-    answer_sendkey,
-    bind_keys,
-    classify_message,
-    file,
-    notify_maintainers,
-    parse,
-    unwrap_openpgp,
-)
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-PIPELINE: tuple[Step, ...] = (
-    parse,
-    unwrap_openpgp,
-    classify_message,
-    classify_commands,
-    answer_sendkey,
-    run_commands,
-    file,
-    bind_keys,
-    acknowledge,
-    notify_maintainers,
-)
+from mailer.classify import MessageKind
+from mailer.errors import StepError
+from mailer.filing import bind_keys, file_report, ignore, thread
+from mailer.maintainers import run_commands
+from mailer.prepare import classify, parse, unwrap_openpgp
+from mailer.processing import Processing, Step
+from mailer.replies import acknowledge, answer_sendkey, notify_maintainers
+
+PREPARE: tuple[Step, ...] = (parse, unwrap_openpgp, classify)
+
+ROUTES: Mapping[MessageKind, tuple[Step, ...]] = {
+    MessageKind.NEW: (file_report, bind_keys, acknowledge, notify_maintainers),
+    MessageKind.FOLLOWUP: (thread, bind_keys, notify_maintainers),
+    MessageKind.BOUNCE: (thread,),
+    MessageKind.AUTOREPLY: (thread,),
+    MessageKind.COMMAND: (run_commands,),
+    MessageKind.SENDKEY: (answer_sendkey,),
+    MessageKind.IGNORED: (ignore,),
+}
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The steps every message takes, then one route per kind."""
+
+    prepare: tuple[Step, ...] = PREPARE
+    routes: Mapping[MessageKind, tuple[Step, ...]] = field(default_factory=lambda: dict(ROUTES))
+
+    def run(self, ctx: Processing) -> None:
+        _run_steps(ctx, self.prepare)
+        assert ctx.kind is not None, "classification chose no route"
+        _run_steps(ctx, self.routes[ctx.kind])
+
+
+def _run_steps(ctx: Processing, steps: tuple[Step, ...]) -> None:
+    for step in steps:
+        try:
+            step(ctx)
+        except Exception as exc:
+            raise StepError(step.__name__, exc) from exc
+
+
+DEFAULT = Pipeline()

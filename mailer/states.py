@@ -4,12 +4,14 @@
                        ↘ rejected / duplicate (→ reopen → acknowledged)
 
 An action from a state not listed for it is an error, never a silent no-op.
-``announced`` is reached when the advance-disclosure mail goes out (schedule).
+``announced`` and ``published`` are reached when the schedule sends the
+advance-disclosure and the security-release mail (``mailer.scheduler``).
 """
 
 from __future__ import annotations
 
-from mailer.models import Report, ReportState as S
+from mailer.models import Report
+from mailer.models import ReportState as S
 
 TRANSITIONS: dict[str, tuple[frozenset[S], S | None]] = {
     "accept": (frozenset({S.NEW, S.ACKNOWLEDGED}), S.ACCEPTED),
@@ -17,7 +19,9 @@ TRANSITIONS: dict[str, tuple[frozenset[S], S | None]] = {
     "duplicate": (frozenset({S.NEW, S.ACKNOWLEDGED, S.ACCEPTED}), S.DUPLICATE),
     "disclose": (frozenset({S.ACCEPTED, S.SCHEDULED}), S.SCHEDULED),
     "extend": (frozenset({S.SCHEDULED, S.ANNOUNCED}), None),  # the date moves, the state stays
-    "release": (frozenset({S.SCHEDULED, S.ANNOUNCED}), S.PUBLISHED),
+    # taken by the schedule (mailer.scheduler), not by a command:
+    "announce": (frozenset({S.SCHEDULED}), S.ANNOUNCED),  # the advance notice went out
+    "publish": (frozenset({S.SCHEDULED, S.ANNOUNCED}), S.PUBLISHED),  # the release email went out
     "close": (frozenset({S.PUBLISHED, S.REJECTED, S.DUPLICATE}), S.CLOSED),
     "reopen": (frozenset({S.REJECTED, S.DUPLICATE, S.CLOSED}), S.ACKNOWLEDGED),
 }

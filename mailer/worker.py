@@ -9,21 +9,23 @@ messages behind it, and it is never deleted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import math
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy import or_, select
 
+from mailer.clock import SYSTEM, Clock
 from mailer.config import Config
-from mailer.crypto import OpenPGP
 from mailer.db import Database
-from mailer.errors import NotFound, StepError
-from mailer.models import InboundMessage, InboundState, utcnow
+from mailer.errors import StepError
+from mailer.loop import backoff, run_every
+from mailer.models import InboundMessage, InboundState
+from mailer.openpgp import OpenPGP
 from mailer.outgoing import Postman
-from mailer.pipeline import PIPELINE
-from mailer.workflow import Processing, Step, run_pipeline
+from mailer.pipeline import DEFAULT, Pipeline
+from mailer.processing import Processing
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,9 @@ class Worker:
         config: Config,
         postman: Postman,
         *,
-        gpg: OpenPGP | None = None,
-        clock: Callable[[], datetime] = utcnow,
-        steps: tuple[Step, ...] = PIPELINE,
+        gpg: OpenPGP,
+        clock: Clock = SYSTEM,
+        pipeline: Pipeline = DEFAULT,
         on_done: Callable[[], None] | None = None,
         intake_busy: Callable[[], bool] | None = None,
     ) -> None:
@@ -48,12 +50,12 @@ class Worker:
         self.postman = postman
         self.gpg = gpg
         self.clock = clock
-        self.steps = steps
+        self.pipeline = pipeline
         self.on_done = on_done
         self.intake_busy = intake_busy
         self.wake = asyncio.Event()
+        self._current: asyncio.Future[bool] | None = None
 
-    _current: asyncio.Future[bool] | None = None
 
     async def finish(self) -> None:
         """Wait for the message being processed, if any (called at shutdown after the loop is cancelled)."""
@@ -79,8 +81,8 @@ class Worker:
                 inbound = session.get(InboundMessage, inbound_id)
                 if inbound is None or inbound.state not in (InboundState.RECEIVED.value, InboundState.RETRY.value):
                     return False
-                ctx = Processing(session, self.config, self.postman, inbound, self.clock(), gpg=self.gpg)
-                run_pipeline(ctx, self.steps)
+                ctx = Processing(session, self.config, self.postman, self.gpg, inbound, self.clock())
+                self.pipeline.run(ctx)
                 inbound.state = InboundState.DONE.value
                 inbound.processed_at = ctx.now
                 inbound.failed_step = inbound.last_error = None
@@ -104,7 +106,7 @@ class Worker:
                 inbound.state = InboundState.FAILED.value
                 inbound.next_attempt_at = None
             else:
-                delay = self.config.worker.retry_base_seconds * 2 ** (inbound.attempts - 1)
+                delay = backoff(inbound.attempts, base=self.config.worker.retry_base_seconds, cap=math.inf)
                 inbound.state = InboundState.RETRY.value
                 inbound.next_attempt_at = self.clock() + timedelta(seconds=delay)
 
@@ -133,27 +135,6 @@ class Worker:
             await asyncio.sleep(0.005)
 
     async def run(self) -> None:
-        """Process on wake-up (new mail) or every ``poll_seconds``."""
-        me = asyncio.current_task()
-        while me is None or not me.cancelling():  # a library may have swallowed our cancel (gh-86296)
-            # Clear before draining: a wake-up that arrives during the pass is not lost.
-            self.wake.clear()
-            try:
-                await self.drain()
-            except Exception:  # noqa: BLE001 - the database may be briefly away; keep the loop alive
-                log.exception("worker pass failed; retrying")
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel (CPython gh-86296).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.worker.poll_seconds):
-                    await self.wake.wait()
+        """Process on wake-up (new mail) or every ``poll_seconds``; a failed pass (database away) is logged and retried."""
+        await run_every(self.drain, every=self.config.worker.poll_seconds, wake=self.wake, name="worker", log=log)
 
-
-def retry_failed(db: Database, inbound_id: int) -> None:
-    """Put a failed (or retrying) message back in the queue now."""
-    with db.session() as session:
-        inbound = session.get(InboundMessage, inbound_id)
-        if inbound is None or inbound.state not in (InboundState.FAILED.value, InboundState.RETRY.value):
-            raise NotFound(f"no failed message with id {inbound_id}")
-        inbound.state = InboundState.RETRY.value
-        inbound.next_attempt_at = None
-        inbound.attempts = 0

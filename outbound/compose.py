@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from email import policy
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,8 @@ from jinja2 import FileSystemLoader, StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
 from mailer.config import Config
-from mailer.outgoing import Kind, Outgoing
-from mailer.parsing import header_safe
+from mailer.outgoing import MailKind, Outgoing
+from mailer.text import header_safe
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 _MSGID = re.compile(r"^<[\x21-\x3b\x3d\x3f-\x7e]{1,250}>$")
@@ -57,7 +57,7 @@ def compose(config: Config, outgoing: Outgoing, body: str, *, message_id: str, n
     if references:
         msg["References"] = " ".join(references)
     # RFC 3834: mark our mail as automatic so other robots do not answer it; X-Loop stops our own loops.
-    msg["Auto-Submitted"] = "auto-replied" if outgoing.kind is Kind.ACK else "auto-generated"
+    msg["Auto-Submitted"] = "auto-replied" if outgoing.kind is MailKind.ACK else "auto-generated"
     msg["X-Loop"] = config.service.contact
     msg["X-Auto-Response-Suppress"] = "All"
     msg.set_content(body, charset="utf-8")

@@ -6,28 +6,25 @@ outcome (connection lost after DATA) is recognisable downstream.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-from collections.abc import Callable
+from datetime import timedelta
 from email import policy
 from email.message import EmailMessage
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from mailer.clock import SYSTEM, Clock
 from mailer.config import Config
-from mailer.crypto import CryptoError, OpenPGP
-from mailer.pgpmime import build_encrypted, build_signed
-from mailer.db import Database
-from mailer.errors import NotFound
-from mailer.models import OutboxMessage, OutboxState, utcnow
+from mailer.models import OutboxMessage
+from mailer.openpgp import OpenPGP
 from mailer.outgoing import Outgoing
 from outbound.compose import compose, make_environment, new_message_id, render
+from outbound.pgpmime import build_encrypted, build_signed
 
 
 class Outbox:
     """Implements :class:`mailer.outgoing.Postman`: render, compose, sign/encrypt, queue."""
 
-    def __init__(self, config: Config, gpg: OpenPGP | None = None, *, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, config: Config, gpg: OpenPGP, *, clock: Clock = SYSTEM) -> None:
         self.config = config
         self.gpg = gpg
         self.clock = clock
@@ -38,10 +35,6 @@ class Outbox:
 
     def _protect(self, message: EmailMessage, outgoing: Outgoing) -> EmailMessage:
         """Sign everything; encrypt when asked. :raises CryptoError: when a key is unusable."""
-        if self.gpg is None:
-            if outgoing.encrypted:
-                raise CryptoError("encryption requested but the service has no OpenPGP keyring")
-            return message
         if outgoing.attach_key:
             message.add_attachment(
                 self.public_key.encode("ascii"), maintype="application", subtype="pgp-keys",
@@ -74,19 +67,3 @@ class Outbox:
         session.flush()
         return row
 
-
-def retry(db: Database, outbox_id: int, now: datetime | None = None) -> None:
-    """Queue a failed (or waiting) outgoing message for delivery now, with a fresh deadline."""
-    now = now or utcnow()
-    with db.session() as session:
-        row = session.get(OutboxMessage, outbox_id)
-        if row is None or row.state == OutboxState.SENT.value:
-            raise NotFound(f"no unsent outgoing message with id {outbox_id}")
-        row.state = OutboxState.PENDING.value
-        row.next_attempt_at = now
-        row.deliver_until = max(row.deliver_until, now + timedelta(hours=1))
-
-
-def pending_count(db: Database) -> int:
-    with db.session() as session:
-        return len(list(session.scalars(select(OutboxMessage.id).where(OutboxMessage.state == OutboxState.PENDING.value))))

@@ -9,13 +9,11 @@ aiosmtplib's types stop here: callers see :class:`DeliveryError`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import mailbox
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -23,13 +21,16 @@ from urllib.parse import urlsplit
 import aiosmtplib
 from sqlalchemy import select
 
+from mailer.clock import SYSTEM, Clock
 from mailer.config import RelayConfig
 from mailer.db import Database
 from mailer.errors import DeliveryError
-from mailer.models import Event, OutboxMessage, OutboxState, utcnow
+from mailer.loop import backoff, run_every
+from mailer.models import Event, OutboxMessage, OutboxState
 
 log = logging.getLogger(__name__)
 
+RETRY_BASE = timedelta(seconds=30)
 MAX_BACKOFF = timedelta(hours=1)
 
 
@@ -95,7 +96,8 @@ class SmtpTransport:
             codes = [r.code for r in exc.recipients]
             raise DeliveryError(f"all recipients refused: {exc}", temporary=all(400 <= c < 500 for c in codes)) from exc
         except aiosmtplib.SMTPResponseException as exc:
-            raise DeliveryError(f"relay answered {exc.code} {exc.message}", temporary=400 <= exc.code < 500, code=exc.code) from exc
+            temporary = 400 <= exc.code < 500
+            raise DeliveryError(f"relay answered {exc.code} {exc.message}", temporary=temporary, code=exc.code) from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             raise DeliveryError(f"relay unreachable: {exc}", temporary=True) from exc
         if errors:
@@ -110,7 +112,7 @@ def transport_for(url: str, config: RelayConfig) -> Transport:
 
 
 class Sender:
-    def __init__(self, db: Database, transport: Transport, *, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, db: Database, transport: Transport, *, clock: Clock = SYSTEM) -> None:
         self.db = db
         self.transport = transport
         self.clock = clock
@@ -138,8 +140,8 @@ class Sender:
             row.last_error = str(error)[:4000]
             expired = now >= row.deliver_until
             if error.temporary and not expired:
-                backoff = min(timedelta(seconds=30 * 2 ** (row.attempts - 1)), MAX_BACKOFF)
-                row.next_attempt_at = now + backoff
+                delay = backoff(row.attempts, base=RETRY_BASE.total_seconds(), cap=MAX_BACKOFF.total_seconds())
+                row.next_attempt_at = now + timedelta(seconds=delay)
                 return
             row.state = OutboxState.FAILED.value
             reason = "retry deadline passed" if error.temporary else "permanent failure"
@@ -166,15 +168,5 @@ class Sender:
         return sent
 
     async def run(self, poll_seconds: float = 5.0) -> None:
-        me = asyncio.current_task()
-        while me is None or not me.cancelling():  # a library may have swallowed our cancel (gh-86296)
-            # Clear before draining: a wake-up that arrives during the pass is not lost.
-            self.wake.clear()
-            try:
-                await self.drain()
-            except Exception:  # noqa: BLE001 - keep delivering once the database is back
-                log.exception("sender pass failed; retrying")
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel (CPython gh-86296).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(poll_seconds):
-                    await self.wake.wait()
+        """Deliver on wake-up (new rows) or every ``poll_seconds``; a failed pass is logged and retried."""
+        await run_every(self.drain, every=poll_seconds, wake=self.wake, name="sender", log=log)

@@ -23,8 +23,8 @@ import pytest
 
 from mailer.app import Service
 from mailer.config import Config
-from mailer.crypto import OpenPGP
 from mailer.db import upgrade
+from mailer.openpgp import OpenPGP
 from tests.relay import CaptureRelay
 
 PG_ADMIN = os.environ.get("MAILER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")

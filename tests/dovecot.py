@@ -173,7 +173,7 @@ class Dovecot:
     def check(self) -> None:
         """``dovecot -n``: the config parses (raises with Dovecot's own words otherwise)."""
         assert DOVECOT is not None
-        result = subprocess.run([DOVECOT, "-c", str(self.conf), "-n"], capture_output=True, text=True, timeout=30)
+        result = subprocess.run([DOVECOT, "-c", str(self.conf), "-n"], capture_output=True, text=True, timeout=30, check=False)
         if result.returncode != 0:
             raise DovecotUnavailable(f"dovecot -n failed: {result.stderr.strip() or result.stdout.strip()}")
 

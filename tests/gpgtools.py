@@ -4,7 +4,8 @@ Everything runs the real ``gpg`` binary (no mocks).  Homes live under /tmp
 with short names (gpg-agent socket paths are limited to ~100 chars) and are
 torn down with ``gpgconf --kill all``.  The message builders produce bytes the
 way mail clients do (Thunderbird/Enigmail, Mutt, K-9/FairEmail, Mailvelope,
-Outlook/Exchange mangling) without going through :mod:`mailer.pgpmime`.
+Outlook/Exchange mangling) without going through :mod:`mailer.pgpmime`;
+:func:`unwrap_default` reads what the service sent with the default limits.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
+
+from mailer.config import ParsingConfig
+from mailer.openpgp import OpenPGP
+from mailer.pgpmime import Unwrapped, unwrap
 
 GPG = "/usr/bin/gpg"
 
@@ -285,3 +290,11 @@ def strip_outer(message: bytes) -> bytes:
     head, _, body = message.partition(b"\r\n\r\n")
     keep = [line for line in head.split(b"\r\n") if line.lower().startswith((b"content-", b" ", b"\t"))]
     return b"\r\n".join(keep) + b"\r\n\r\n" + body
+
+
+# --------------------------------------------------------------------------- reading (service side)
+
+
+def unwrap_default(raw: bytes, gpg: OpenPGP) -> Unwrapped:
+    """:func:`mailer.pgpmime.unwrap` with the default :class:`~mailer.config.ParsingConfig` limits."""
+    return unwrap(raw, gpg, limits=ParsingConfig())

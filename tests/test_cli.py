@@ -94,16 +94,16 @@ async def test_outbox_list_and_retry(service: Service) -> None:
 
 async def test_failed_list_and_retry(service: Service) -> None:
     """`failed list --json` names the failed step; `failed retry ID` queues it again."""
+    from mailer.pipeline import PREPARE, Pipeline
+    from mailer.processing import Processing
     from mailer.worker import Worker
-    from mailer.pipeline import PIPELINE
-    from mailer.workflow import Processing
 
     def explode(ctx: Processing) -> None:
         raise RuntimeError("broken step")
 
     await asend(smtp_port(service), report_bytes())
     worker = Worker(service.db, service.config.model_copy(update={"worker": service.config.worker.model_copy(update={"max_attempts": 1})}),
-                    service.outbox, steps=(PIPELINE[0], explode))
+                    service.outbox, gpg=service.gpg, pipeline=Pipeline(prepare=(PREPARE[0], explode)))
     await worker.drain()
     code, out = await mailer(service.config, "failed", "list", "--json")
     [row] = _json(out)  # type: ignore[misc]
@@ -143,7 +143,7 @@ def test_unknown_key_and_missing_file_are_errors(tmp_path: Path) -> None:
     """A typo in the file is an error naming the key; a missing file is named."""
     path = tmp_path / "c.toml"
     path.write_text('[smtp]\nlisten = "127.0.0.1:25"\nlistne = "x"\n')
-    with pytest.raises(ConfigError, match="smtp.listne: unknown key"):
+    with pytest.raises(ConfigError, match=r"smtp\.listne: unknown key"):
         load_config(path, {})
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.toml", {})

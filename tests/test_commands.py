@@ -10,12 +10,13 @@ import pytest
 from sqlalchemy import select
 
 from mailer.app import Service
+from mailer.clock import FakeClock
 from mailer.config import Maintainer
-from mailer.crypto import OpenPGP
 from mailer.models import Event, Report, ReportMessage, utcnow
-from mailer.pgpmime import unwrap
+from mailer.openpgp import OpenPGP
 from tests.conftest import make_config, smtp_port
 from tests.gpgtools import Home, mixed_message, signed_part
+from tests.gpgtools import unwrap_default as unwrap
 from tests.relay import CaptureRelay
 from tests.test_intake import asend, report_bytes
 
@@ -50,7 +51,7 @@ async def svc(tmp_path: Path, migrated: str, relay: CaptureRelay, mara: tuple[Ho
         Maintainer(name="Mara", address=MARA, fingerprint=fpr),
         Maintainer(name="Max", address=MAX, fingerprint=""),
     )})
-    service = Service(cfg)
+    service = Service(cfg, clock=FakeClock())
     service.gpg.import_public(home.export(fpr))
     await service.start(background=False)
     yield service
@@ -251,7 +252,10 @@ async def test_list_help_and_argument_validation(svc: Service, relay: CaptureRel
     assert report.tracking_id in text and "#disclose" in text
     await send_command(svc, signed(home, fpr, f"#report {report.tracking_id}\n#embargo add аlice@example.org\n", msgid="<l2@p>"))
     assert "mixes scripts" in open_for(home, relay.handler.to(MARA)[-1].raw)
-    await send_command(svc, signed(home, fpr, f"#report {report.tracking_id}\n#embargo add alice@distro.test\n#cvss CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H\n", msgid="<l3@p>"))
+    await send_command(svc, signed(
+        home, fpr, f"#report {report.tracking_id}\n#embargo add alice@distro.test\n#cvss CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H\n",
+        msgid="<l3@p>",
+    ))
     [after] = reports(svc)
     assert after.cvss_score == 9.8
     assert "alice@distro.test" in open_for(home, relay.handler.to(MARA)[-1].raw)
@@ -354,23 +358,24 @@ async def test_other_maintainers_hear_of_changes(svc: Service, relay: CaptureRel
 
 async def test_requested_cve_is_reminded_daily_until_recorded(svc: Service, relay: CaptureRelay, mara: tuple[Home, str]) -> None:
     """`#cve requested` is tracked: after two days maintainers are reminded, once a day, until `#cve` records it."""
-    from sqlalchemy import update
-
     home, fpr = mara
+    clock = svc.clock
+    assert isinstance(clock, FakeClock)
     report = await file_report(svc)
     await send_command(svc, signed(home, fpr, f"#report {report.tracking_id}\n#accept\n#cve requested via GitHub\n", msgid="<cr@p>"))
-    assert svc.reminders.drain() == 0  # not yet due
-    with svc.db.session() as s:
-        s.execute(update(Report).values(cve_requested_at=utcnow() - timedelta(days=3)))
-    assert svc.reminders.drain() == 1
-    assert svc.reminders.drain() == 0  # once a day
+    assert svc.scheduler.drain() == 0  # not yet due
+    clock.advance(days=3)
+    assert svc.scheduler.drain() == 1
+    assert svc.scheduler.drain() == 0  # once a day
     await svc.settle()
-    assert "Reminder: CVE requested" not in (relay.handler.to(MARA)[-1].message["Subject"] or "")  # subject is protected
-    assert "none is recorded yet" in open_for(home, relay.handler.to(MARA)[-1].raw)
-    await send_command(svc, signed(home, fpr, f"#report {report.tracking_id}\n#cve CVE-2026-4242\n", msgid="<cr2@p>"))
-    with svc.db.session() as s:
-        s.execute(update(Event).where(Event.kind == "reminder.cve").values(at=utcnow() - timedelta(days=2)))
-    assert svc.reminders.drain() == 0
+    assert "Reminder" not in (relay.handler.to(MARA)[-1].message["Subject"] or "")  # the subject is protected
+    text = open_for(home, relay.handler.to(MARA)[-1].raw)
+    assert "a CVE was requested and none is recorded" in text and "#cve CVE-YYYY-NNNN" in text
+    signed_now = clock().strftime("%Y%m%dT%H%M%S")  # the maintainer signs on the (moved) day
+    await send_command(svc, signed(home, fpr, f"#report {report.tracking_id}\n#cve CVE-2026-4242\n", msgid="<cr2@p>",
+                                   faked_time=signed_now))
+    clock.advance(days=2)
+    assert svc.scheduler.drain() == 0
 
 
 async def test_revoked_or_doubly_signed_commands_are_refused(tmp_path: Path, migrated: str, relay: CaptureRelay) -> None:

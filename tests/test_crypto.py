@@ -1,4 +1,4 @@
-"""Tests of mailer.crypto against the real GnuPG binary (no mocks)."""
+"""Tests of mailer.openpgp against the real GnuPG binary (no mocks), and of its pure status rules."""
 
 from __future__ import annotations
 
@@ -6,19 +6,27 @@ import os
 import subprocess
 import time
 import tracemalloc
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import gnupg
 import pytest
 
-from tests.gpgtools import (Home, compression_bomb, dearmor, encrypt_raw_packets, flip_byte, kill_and_remove,
-                      literal_packets, no_mdc_to_key, short_tmpdir, symmetric)
-from mailer.crypto import (REASON_NO_DATA, REASON_NO_MDC, REASON_NO_SECKEY, REASON_NOT_ENCRYPTED,
-                           REASON_SEVERAL_LITERALS, REASON_SYMMETRIC, REASON_TIMEOUT, REASON_TOO_LARGE,
-                           SIG_BAD, SIG_KEY_EXPIRED, SIG_KEY_REVOKED, SIG_NO_PUBKEY, SIG_SEVERAL,
-                           CryptoError, GnuPGVersionError, KeyImportError, OpenPGP, UnusableKey,
-                           check_versions)
+from mailer.openpgp import CryptoError, GnuPGVersionError, KeyImportError, OpenPGP, Reason, UnusableKey, check_versions
+from mailer.openpgp.process import GpgRun
+from mailer.openpgp.status import decrypt_failure, evaluate_signature
+from tests.gpgtools import (
+    Home,
+    compression_bomb,
+    dearmor,
+    encrypt_raw_packets,
+    flip_byte,
+    kill_and_remove,
+    literal_packets,
+    no_mdc_to_key,
+    short_tmpdir,
+    symmetric,
+)
 
 SECRET = b"the vulnerability is in parse_header()\n"
 
@@ -255,7 +263,7 @@ def test_decrypt_signed_by_unknown_key(world: World) -> None:
     assert world.client.gpg("--homedir", world.svc.home, "--decrypt", data=ct, check=False).returncode != 0
     res = world.svc.decrypt(ct)
     assert res.ok and res.data == SECRET
-    assert not res.signature.valid and res.signature.reason == SIG_NO_PUBKEY and res.signature.signer_fpr is None
+    assert not res.signature.valid and res.signature.reason == Reason.UNKNOWN_KEY and res.signature.signer_fpr is None
 
 
 def test_decrypt_hidden_recipient(world: World) -> None:
@@ -268,13 +276,13 @@ def test_decrypt_hidden_recipient(world: World) -> None:
 def test_decrypt_symmetric_is_refused(world: World) -> None:
     """A passphrase-encrypted message is refused with a clear reason and no data."""
     res = world.svc.decrypt(symmetric(world.client, SECRET))
-    assert not res.ok and res.reason == REASON_SYMMETRIC and res.data is None
+    assert not res.ok and res.reason == Reason.SYMMETRIC and res.data is None
 
 
 def test_decrypt_unknown_recipient(world: World) -> None:
     """A message encrypted to a key we don't hold reports that reason."""
     res = world.svc.decrypt(world.client.encrypt(SECRET, [world.alice]))
-    assert not res.ok and res.reason == REASON_NO_SECKEY and res.data is None
+    assert not res.ok and res.reason == Reason.NO_SECKEY and res.data is None
 
 
 def test_decrypt_corrupt_armor(world: World) -> None:
@@ -293,7 +301,7 @@ def test_decrypt_without_mdc_never_exposes_plaintext(world: World) -> None:
     raw = gnupg.GPG(gnupghome=world.svc.home).decrypt(ct)
     assert SECRET in raw.data  # python-gnupg alone leaks it
     res = world.svc.decrypt(ct)
-    assert not res.ok and res.reason == REASON_NO_MDC and res.data is None
+    assert not res.ok and res.reason == Reason.NO_MDC and res.data is None
     assert SECRET.decode() not in repr(res)
 
 
@@ -310,16 +318,16 @@ def test_decrypt_several_literal_packets(world: World) -> None:
     packets = literal_packets(world.client, b"first part\n", b"second part\n")
     ct = encrypt_raw_packets(world.client, packets, world.svc_fpr)
     res = world.svc.decrypt(ct)
-    assert not res.ok and res.reason == REASON_SEVERAL_LITERALS and res.data is None
+    assert not res.ok and res.reason == Reason.SEVERAL_LITERALS and res.data is None
 
 
 def test_decrypt_not_encrypted(world: World) -> None:
     """A signed-only or plain literal message is not accepted as a decryption."""
     signed = world.client.gpg("--local-user", world.alice, "--armor", "--sign", data=SECRET).stdout
     res = world.svc.decrypt(signed)
-    assert not res.ok and res.reason == REASON_NOT_ENCRYPTED and res.data is None
+    assert not res.ok and res.reason == Reason.NOT_ENCRYPTED and res.data is None
     res = world.svc.decrypt(b"hello, not PGP at all")
-    assert not res.ok and res.reason == REASON_NO_DATA
+    assert not res.ok and res.reason == Reason.NO_DATA
 
 
 def test_decrypt_compression_bomb_is_bounded(world: World) -> None:
@@ -333,7 +341,7 @@ def test_decrypt_compression_bomb_is_bounded(world: World) -> None:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert not res.ok and res.reason == REASON_TOO_LARGE and res.data is None
+    assert not res.ok and res.reason == Reason.TOO_LARGE and res.data is None
     assert peak < 8 * 1024 * 1024
 
 
@@ -343,7 +351,7 @@ def test_decrypt_timeout(world: World) -> None:
     slow = OpenPGP(world.svc.home, timeout=0.01, max_output=1024 * 1024 * 1024)
     started = time.monotonic()
     res = slow.decrypt(bomb)
-    assert not res.ok and res.reason == REASON_TIMEOUT and res.data is None
+    assert not res.ok and res.reason == Reason.TIMEOUT and res.data is None
     assert time.monotonic() - started < 5
 
 
@@ -368,7 +376,7 @@ def test_verify_subkey_signature_reports_primary(world: World) -> None:
 def test_verify_expired_key_is_invalid(world: World) -> None:
     """A signature by a now-expired key is invalid."""
     res = world.svc.verify_detached(SECRET, world.carol_sig)
-    assert not res.valid and res.reason == SIG_KEY_EXPIRED
+    assert not res.valid and res.reason == Reason.KEY_EXPIRED
 
 
 def test_verify_revoked_key_is_invalid(world: World) -> None:
@@ -379,28 +387,28 @@ def test_verify_revoked_key_is_invalid(world: World) -> None:
     raw = gnupg.GPG(gnupghome=world.svc.home).verify_data(sigpath, SECRET)
     assert raw.status == "signature valid"
     res = world.svc.verify_detached(SECRET, world.dave_sig)
-    assert not res.valid and res.reason == SIG_KEY_REVOKED
+    assert not res.valid and res.reason == Reason.KEY_REVOKED
 
 
 def test_verify_two_signatures_is_invalid(world: World) -> None:
     """Exactly one signature is required: two signatures give 'several signatures'."""
     sig = world.client.sign_detached(SECRET, world.alice, world.bob)
     res = world.svc.verify_detached(SECRET, sig)
-    assert not res.valid and res.reason == SIG_SEVERAL and res.count == 2
+    assert not res.valid and res.reason == Reason.SEVERAL_SIGNATURES and res.count == 2
 
 
 def test_verify_tampered_text_is_invalid(world: World) -> None:
     """A signature over different bytes is a bad signature."""
     sig = world.client.sign_detached(SECRET, world.alice)
     res = world.svc.verify_detached(SECRET + b"!", sig)
-    assert not res.valid and res.reason == SIG_BAD and res.signer_fpr is None
+    assert not res.valid and res.reason == Reason.BAD_SIGNATURE and res.signer_fpr is None
 
 
 def test_verify_unknown_key_is_invalid(world: World) -> None:
     """A signature by a key not in the keyring is invalid ('unknown signing key')."""
     sig = world.client.sign_detached(SECRET, world.mallory)
     res = world.svc.verify_detached(SECRET, sig)
-    assert not res.valid and res.reason == SIG_NO_PUBKEY
+    assert not res.valid and res.reason == Reason.UNKNOWN_KEY
 
 
 def test_verify_inline_cleartext(world: World) -> None:
@@ -411,3 +419,47 @@ def test_verify_inline_cleartext(world: World) -> None:
     assert res.data is not None and b"- dash line" in res.data and b"hello" in res.data
     bad = world.svc.verify_inline(signed.replace(b"hello", b"HELLO"))
     assert not bad.signature.valid and bad.data is None
+
+
+# --------------------------------------------------------------------------- status rules (pure functions)
+
+FPR = "0123456789ABCDEF0123456789ABCDEF01234567"
+DECRYPTED = (("ENC_TO", "89ABCDEF01234567 18 0"), ("BEGIN_DECRYPTION", ""), ("DECRYPTION_INFO", "2 9 0"),
+             ("PLAINTEXT", "62 0 "), ("DECRYPTION_OKAY", ""), ("GOODMDC", ""), ("END_DECRYPTION", ""))
+SIGNED = (("NEWSIG", ""), ("GOODSIG", "89ABCDEF01234567 Alice <alice@example.org>"),
+          ("VALIDSIG", f"{FPR} 2025-02-01 1738368000 0 4 0 22 8 00 {FPR}"), ("TRUST_UNDEFINED", "0 pgp"))
+
+
+def test_decrypt_rule_accepts_okay_goodmdc_exit_0() -> None:
+    """DECRYPTION_OKAY + GOODMDC + exit 0 (and no failure signal) is a decryption."""
+    assert decrypt_failure(GpgRun(DECRYPTED, 0)) is None
+
+
+@pytest.mark.parametrize("drop,returncode,reason", [
+    ("GOODMDC", 0, Reason.NO_MDC),  # DECRYPTION_INFO announces an MDC, gpg never confirmed it
+    ("DECRYPTION_OKAY", 0, Reason.FAILED),
+    (None, 2, Reason.FAILED),
+])
+def test_decrypt_rule_integrity_is_goodmdc_okay_and_exit_0(drop: str | None, returncode: int, reason: Reason) -> None:
+    """Integrity never comes from the DECRYPTION_INFO fields alone: all three signals are needed."""
+    status = tuple(line for line in DECRYPTED if line[0] != drop)
+    assert decrypt_failure(GpgRun(status, returncode)) == reason
+
+
+def test_decrypt_rule_refuses_no_mdc_and_tampering() -> None:
+    """No MDC (DECRYPTION_INFO 0) and BADMDC are refused even when gpg says DECRYPTION_OKAY and exits 0."""
+    no_mdc = tuple(("DECRYPTION_INFO", "0 9 0") if k == "DECRYPTION_INFO" else (k, v) for k, v in DECRYPTED)
+    assert decrypt_failure(GpgRun(no_mdc, 0)) == Reason.NO_MDC
+    assert decrypt_failure(GpgRun((*DECRYPTED, ("BADMDC", "")), 0)) == Reason.BAD_MDC
+    assert decrypt_failure(GpgRun(DECRYPTED, 0, output_truncated=True)) == Reason.TOO_LARGE
+    assert decrypt_failure(GpgRun(DECRYPTED, 0, timed_out=True)) == Reason.TIMEOUT
+
+
+def test_signature_rule_needs_one_validsig_and_exit_0() -> None:
+    """One GOODSIG with VALIDSIG and exit 0 is valid; a non-zero exit, a key problem or no VALIDSIG is not."""
+    good = evaluate_signature(SIGNED, 0)
+    assert good.valid and good.reason == Reason.VALID and good.signer_fpr == FPR and good.created == 1738368000
+    assert evaluate_signature(SIGNED, 1).reason == Reason.GPG_FAILED
+    assert evaluate_signature((*SIGNED, ("KEYREVOKED", "")), 0).reason == Reason.KEY_REVOKED
+    assert evaluate_signature(tuple(line for line in SIGNED if line[0] != "VALIDSIG"), 0).reason == Reason.NO_VALIDSIG
+    assert evaluate_signature((), 0).reason == Reason.NO_SIGNATURE

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from inbound.imap import ImapPoller, import_since, uid_set
+from inbound.imap import ImapPoller, import_since
+from inbound.imap_client import uid_set
 from mailer.app import Service
 from mailer.config import Config
 from mailer.db import Database
@@ -267,7 +268,9 @@ class ExpungingPoller(ImapPoller):
             assert conn.expunge()[0] == "OK"
 
 
-async def test_message_expunged_mid_fetch_is_skipped(tmp_path: Path, migrated: str, relay: CaptureRelay, dovecot: Dovecot) -> None:
+async def test_message_expunged_mid_fetch_is_skipped(
+    tmp_path: Path, migrated: str, relay: CaptureRelay, dovecot: Dovecot
+) -> None:
     """A message expunged by another client between SEARCH and FETCH is skipped without an error."""
     await append(dovecot, [make_message(i, tag="race") for i in range(1, 5)])
     config = imap_config(tmp_path, migrated, relay, dovecot)

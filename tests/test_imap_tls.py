@@ -104,7 +104,7 @@ def rogue_dovecot(tmp_path: Path, pki: Pki) -> Iterator[Dovecot]:
 
 
 def tls_config(
-    tmp_path: Path, db_url: str, relay: CaptureRelay, server: Dovecot, pki: Pki, security: str, **imap: Any
+    tmp_path: Path, db_url: str, relay: CaptureRelay, server: Dovecot, *, pki: Pki, security: str, **imap: Any
 ) -> Config:
     """IMAP alone over TLS, trusting only the test CA: implicit TLS on the imaps port, STARTTLS on the plain one."""
     values = {
@@ -125,11 +125,11 @@ def logins(server: Dovecot) -> list[str]:
 
 @pytest.mark.parametrize("security", ["tls", "starttls"])
 async def test_messages_are_fetched_and_filed_over_tls(
-    tmp_path: Path, migrated: str, relay: CaptureRelay, tls_dovecot: Dovecot, pki: Pki, security: str
+    tmp_path: Path, migrated: str, relay: CaptureRelay, tls_dovecot: Dovecot, *, pki: Pki, security: str
 ) -> None:
     """Trusting the server's CA via ca_file, the poller logs in over TLS, stores, files and moves every message."""
     await append(tls_dovecot, [make_message(i, tag=security) for i in range(5)])
-    async with service(tls_config(tmp_path, migrated, relay, tls_dovecot, pki, security)) as svc:
+    async with service(tls_config(tmp_path, migrated, relay, tls_dovecot, pki=pki, security=security)) as svc:
         await until(lambda: svc.imap.counters.stored >= 5, "5 stored over TLS")
         await svc.settle()
         assert count(svc.db, InboundMessage) == 5 and count(svc.db, Report) == 5
@@ -144,12 +144,12 @@ async def test_messages_are_fetched_and_filed_over_tls(
 
 @pytest.mark.parametrize("security", ["tls", "starttls"])
 async def test_certificate_from_another_ca_is_refused(
-    tmp_path: Path, migrated: str, relay: CaptureRelay, rogue_dovecot: Dovecot, pki: Pki, security: str
+    tmp_path: Path, migrated: str, relay: CaptureRelay, rogue_dovecot: Dovecot, *, pki: Pki, security: str
 ) -> None:
     """A certificate not signed by ca_file is refused: no login, nothing stored, the poller keeps retrying and says why."""
     await append(rogue_dovecot, [make_message(i, tag="rogue") for i in range(3)])
     before = logins(rogue_dovecot)  # the fixture's own plaintext APPEND session
-    config = tls_config(tmp_path, migrated, relay, rogue_dovecot, pki, security)
+    config = tls_config(tmp_path, migrated, relay, rogue_dovecot, pki=pki, security=security)
     db = Database(config.database.url)
     poller = ImapPoller(config.imap, db, backoff_initial=0.1, backoff_max=0.2)
     try:

@@ -212,7 +212,7 @@ async def test_lmtp_answers_once_per_recipient_in_order(config: Config) -> None:
     svc = await _lmtp_service(config)
     try:
         replies = await _raw_session(
-            svc.listening()["lmtp"][1], LMTP_TWO_RCPTS + [report_bytes().replace(b"\n", b"\r\n") + b".\r\n", b"QUIT\r\n"],
+            svc.listening()["lmtp"][1], [*LMTP_TWO_RCPTS, report_bytes().replace(b"\n", b"\r\n") + b".\r\n", b"QUIT\r\n"],
         )
         assert any(r.startswith(b"550") for r in replies)
         final = _final_replies(replies)
@@ -228,7 +228,7 @@ async def test_lmtp_oversize_answers_552_per_recipient(config: Config) -> None:
     svc = await _lmtp_service(config, max_message_size=2048)
     try:
         body = report_bytes(body="y" * 6000).replace(b"\n", b"\r\n") + b".\r\n"
-        replies = await _raw_session(svc.listening()["lmtp"][1], LMTP_TWO_RCPTS + [body, b"QUIT\r\n"])
+        replies = await _raw_session(svc.listening()["lmtp"][1], [*LMTP_TWO_RCPTS, body, b"QUIT\r\n"])
         assert [r[:3] for r in _final_replies(replies)] == [b"552", b"552"]
         assert count(svc, InboundMessage) == 0
     finally:
@@ -242,11 +242,11 @@ async def test_lmtp_fault_answers_451_per_recipient(config: Config) -> None:
     try:
         body = report_bytes().replace(b"\n", b"\r\n") + b".\r\n"
         port = svc.listening()["lmtp"][1]
-        replies = await _raw_session(port, LMTP_TWO_RCPTS + [body, b"QUIT\r\n"])
+        replies = await _raw_session(port, [*LMTP_TWO_RCPTS, body, b"QUIT\r\n"])
         final = _final_replies(replies)
         assert [r[:3] for r in final] == [b"451", b"451"]
         assert all(b"simulated" not in r for r in final)
-        replies = await _raw_session(port, LMTP_TWO_RCPTS + [body, b"QUIT\r\n"])
+        replies = await _raw_session(port, [*LMTP_TWO_RCPTS, body, b"QUIT\r\n"])
         assert [r[:3] for r in _final_replies(replies)] == [b"250", b"250"]
         await svc.settle()
         assert count(svc, InboundMessage) == 1

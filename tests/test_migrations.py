@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -9,8 +10,6 @@ from alembic.runtime.migration import MigrationContext
 from mailer.db import Database, alembic_config, upgrade
 from mailer.errors import DatabaseNotMigrated
 from mailer.models import Base
-
-import pytest
 
 
 def test_migrations_match_the_models(db_url: str) -> None:

@@ -22,13 +22,13 @@ from sqlalchemy import select
 
 from mailer.app import Service
 from mailer.config import Maintainer
-from mailer.crypto import OpenPGP
 from mailer.models import Event, InboundMessage, Report, ReportKey, ReportMessage
-from mailer.pgpmime import Unwrapped, unwrap
+from mailer.openpgp import OpenPGP
+from mailer.pgpmime import Unwrapped
 from tests.conftest import make_config, smtp_port
-from tests.gpgtools import (Home, dearmor, flip_byte, inner_text_entity, pgpmime_encrypted, strip_outer,
-                            symmetric)
-from tests.relay import CaptureRelay, Captured
+from tests.gpgtools import Home, dearmor, flip_byte, inner_text_entity, pgpmime_encrypted, strip_outer, symmetric
+from tests.gpgtools import unwrap_default as unwrap
+from tests.relay import Captured, CaptureRelay
 from tests.test_intake import CONTACT, asend
 
 REPORTER = "rita@reporter.test"
@@ -495,7 +495,7 @@ async def test_bad_openpgp_input_is_filed_and_alerted(tmp_path: Path, migrated: 
         assert [r.raw for r in rows[:4]] == [raw for raw, _ in cases.values()]
         notices = relay.handler.to(KEYED)
         assert len(notices) == 5
-        for (name, (_, reason)), report, notice in zip(cases.items(), filed, notices):
+        for (name, (_, reason)), report, notice in zip(cases.items(), filed, notices, strict=False):
             assert reason in report.flags.get("openpgp_error", ""), (name, report.flags)
             assert report.flags.get("encrypted") is True
             [message] = inbound_messages(service, report)
@@ -517,7 +517,7 @@ async def test_bad_openpgp_input_is_filed_and_alerted(tmp_path: Path, migrated: 
 async def test_partly_encrypted_keeps_plaintext_apart(service: Service, relay: CaptureRelay, keys: Keys) -> None:
     """Plaintext beside an encrypted part is kept in meta, never merged into the report text."""
     armored = keys.reporter.encrypt(inner_text_entity(SECRET_BODY), [service.fingerprint])
-    outside = "Content-Type: text/plain; charset=UTF-8\r\n\r\nPlaintext added by a forwarder: walrus\r\n".encode()
+    outside = b"Content-Type: text/plain; charset=UTF-8\r\n\r\nPlaintext added by a forwarder: walrus\r\n"
     body = (b'Content-Type: multipart/mixed; boundary="mix"\r\n\r\n--mix\r\n' + outside
             + b"\r\n--mix\r\n" + encrypted_entity(armored) + b"\r\n--mix--\r\n")
     await asend(smtp_port(service), envelope(body, subject="partly"))

@@ -1,20 +1,41 @@
-"""The outbox and the sender: durable rows, retries with backoff, permanent failures, deadlines."""
+"""The outbox and the sender: durable rows, retries with backoff, permanent failures, deadlines.
+
+Time moves on a :class:`mailer.clock.FakeClock` given to the service: no sleeps, no SQL date rewrites.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from mailer.app import Service
+from mailer.clock import FakeClock
 from mailer.config import Config
-from mailer.models import Event, OutboxMessage, utcnow
+from mailer.models import Event, OutboxMessage
+from mailer.outgoing import MailKind, Outgoing
 from tests.conftest import make_config, smtp_port
 from tests.relay import CaptureRelay
 from tests.test_intake import asend, report_bytes
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def service(config: Config, clock: FakeClock) -> AsyncIterator[Service]:
+    """As in conftest, but every component reads the time from ``clock``."""
+    svc = Service(config, clock=clock)
+    await svc.start(background=False)
+    yield svc
+    await svc.stop()
+    svc.db.dispose()
 
 
 def rows(service: Service) -> list[OutboxMessage]:
@@ -22,9 +43,9 @@ def rows(service: Service) -> list[OutboxMessage]:
         return list(s.scalars(select(OutboxMessage).order_by(OutboxMessage.id)))
 
 
-def make_due(service: Service) -> None:
-    with service.db.session() as s:
-        s.execute(update(OutboxMessage).values(next_attempt_at=utcnow()))
+def make_due(service: Service, clock: FakeClock) -> None:
+    """Move the clock to the latest pending retry time: every pending row is due."""
+    clock.set(max([clock(), *(r.next_attempt_at for r in rows(service) if r.state == "pending")]))
 
 
 async def queue_one(service: Service) -> None:
@@ -32,22 +53,26 @@ async def queue_one(service: Service) -> None:
     await service.worker.drain()
 
 
-async def test_temporary_failure_is_retried_with_the_same_message_id(service: Service, relay: CaptureRelay) -> None:
+async def test_temporary_failure_is_retried_with_the_same_message_id(
+    service: Service, relay: CaptureRelay, clock: FakeClock
+) -> None:
     """A 451 from the relay leaves the row pending with a later attempt; the retry sends the same bytes."""
     await queue_one(service)
     relay.handler.replies = ["451 4.7.1 try later"] * 3
     await service.sender.drain()
     pending = rows(service)
     assert {r.state for r in pending} == {"pending"}
-    assert all(r.attempts == 1 and r.next_attempt_at > utcnow() and "451" in (r.last_error or "") for r in pending)
-    make_due(service)
+    assert all(r.attempts == 1 and r.next_attempt_at > clock() and "451" in (r.last_error or "") for r in pending)
+    make_due(service, clock)
     await service.sender.drain()
     sent = rows(service)
     assert {r.state for r in sent} == {"sent"}
     assert sorted(m.raw for m in relay.messages) == sorted(r.raw for r in sent)
 
 
-async def test_permanent_failure_is_recorded_at_once(service: Service, relay: CaptureRelay, caplog: pytest.LogCaptureFixture) -> None:
+async def test_permanent_failure_is_recorded_at_once(
+    service: Service, relay: CaptureRelay, caplog: pytest.LogCaptureFixture
+) -> None:
     """A 550 marks the message failed immediately, with an event and an ALERT in the log."""
     await queue_one(service)
     relay.handler.replies = ["550 5.1.1 no such user"] * 3
@@ -62,11 +87,12 @@ async def test_permanent_failure_is_recorded_at_once(service: Service, relay: Ca
     assert len(events) == 3 and events[0].detail["reason"] == "permanent failure"
 
 
-async def test_deadline_turns_temporary_failures_into_failed(service: Service, relay: CaptureRelay) -> None:
+async def test_deadline_turns_temporary_failures_into_failed(
+    service: Service, relay: CaptureRelay, clock: FakeClock
+) -> None:
     """After deliver_until a temporary failure is final."""
     await queue_one(service)
-    with service.db.session() as s:
-        s.execute(update(OutboxMessage).values(deliver_until=utcnow() - timedelta(seconds=1)))
+    clock.set(max(r.deliver_until for r in rows(service)) + timedelta(seconds=1))
     relay.handler.replies = ["421 4.3.2 shutting down"] * 3
     await service.sender.drain()
     assert {r.state for r in rows(service)} == {"failed"}
@@ -105,19 +131,11 @@ async def test_maildir_transport_is_the_default(tmp_path: Path, migrated: str) -
         svc.db.dispose()
 
 
-def test_outbox_rows_are_serialised_with_crlf(config: Config) -> None:
+async def test_outbox_rows_are_serialised_with_crlf(service: Service) -> None:
     """Every queued message uses CRLF line endings only (policy.SMTP on the wire)."""
-    from mailer.outgoing import Kind, Outgoing
-    from outbound.outbox import Outbox
-    from mailer.db import Database
-
-    db = Database(config.database_url)
-    try:
-        with db.session() as s:
-            row = Outbox(config).enqueue(s, Outgoing(kind=Kind.ALERT, to="mara@project.test", subject="x\r\nBcc: a@b",
-                                                    template="sendkey.txt.j2"))
-            raw = row.raw
-        assert b"\n" not in raw.replace(b"\r\n", b"")
-        assert b"\r\nBcc:" not in raw
-    finally:
-        db.dispose()
+    with service.db.session() as s:
+        row = service.outbox.enqueue(s, Outgoing(kind=MailKind.ALERT, to="mara@project.test", subject="x\r\nBcc: a@b",
+                                                 template="sendkey.txt.j2"))
+        raw = row.raw
+    assert b"\n" not in raw.replace(b"\r\n", b"")
+    assert b"\r\nBcc:" not in raw

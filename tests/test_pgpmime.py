@@ -1,21 +1,36 @@
-"""Tests of mailer.pgpmime with real GnuPG and client-style messages (no mocks)."""
+"""Tests of mailer.pgpmime (reading) and outbound.pgpmime (building) with real GnuPG and client-style messages (no mocks)."""
 
 from __future__ import annotations
 
 import base64
 import email.policy
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import Iterator
 
 import pytest
 
-from mailer.crypto import OpenPGP
-from mailer.pgpmime import MAX_DEPTH, build_encrypted, build_signed, unwrap
-from tests.gpgtools import (Home, compression_bomb, exchange_mangled, inner_text_entity, kill_and_remove,
-                            mixed_message, no_mdc_to_key, pgpmime_encrypted, plain_message, short_tmpdir,
-                            signed_part, strip_outer, symmetric)
+from mailer.config import ParsingConfig
+from mailer.openpgp import OpenPGP
+from mailer.pgpmime import unwrap
+from outbound.pgpmime import build_encrypted, build_signed
+from tests.gpgtools import (
+    Home,
+    compression_bomb,
+    exchange_mangled,
+    inner_text_entity,
+    kill_and_remove,
+    mixed_message,
+    no_mdc_to_key,
+    pgpmime_encrypted,
+    plain_message,
+    short_tmpdir,
+    signed_part,
+    strip_outer,
+    symmetric,
+)
 
+LIMITS = ParsingConfig()
 BODY = "Heap overflow in parse_header() — details below.\nSteps: send 70000 bytes.\n"
 
 
@@ -70,7 +85,7 @@ def test_thunderbird_encrypted_and_signed(world: World) -> None:
     """PGP/MIME encrypted+signed in one packet decrypts with a valid signature and protected Subject."""
     inner = inner_text_entity(BODY, subject="Heap overflow", attachment=("poc.py", b"print('x')\n"))
     raw = pgpmime_encrypted(world.client.encrypt(inner, [world.svc_fpr], signer=world.alice))
-    res = unwrap(raw, world.svc)
+    res = unwrap(raw, world.svc, limits=LIMITS)
     assert res.errors == [] and not res.partly_encrypted
     [part] = res.text_parts
     assert part.encrypted and part.signature_valid and part.signer_fpr == world.alice
@@ -84,7 +99,7 @@ def test_thunderbird_encrypted_and_signed(world: World) -> None:
 def test_encrypted_to_rsa_key_unsigned(world: World) -> None:
     """A PGP/MIME message encrypted (unsigned) to the service is decrypted and marked unsigned."""
     raw = pgpmime_encrypted(world.client.encrypt(inner_text_entity(BODY), [world.svc_fpr]))
-    res = unwrap(raw, world.svc)
+    res = unwrap(raw, world.svc, limits=LIMITS)
     [part] = res.text_parts
     assert part.encrypted and not part.signed and part.signer_fpr is None and "70000 bytes" in part.text
 
@@ -92,7 +107,7 @@ def test_encrypted_to_rsa_key_unsigned(world: World) -> None:
 def test_hidden_recipient_pgpmime_decrypts(world: World) -> None:
     """A PGP/MIME message with a hidden recipient (throw-keyids) decrypts."""
     raw = pgpmime_encrypted(world.client.encrypt(inner_text_entity(BODY), [world.svc_fpr], throw_keyids=True))
-    res = unwrap(raw, world.svc)
+    res = unwrap(raw, world.svc, limits=LIMITS)
     assert res.errors == [] and res.text_parts[0].encrypted
 
 
@@ -101,7 +116,7 @@ def test_multipart_signed_inside_encryption(world: World) -> None:
     sp = signed_part(BODY)
     inner = strip_outer(sp.message(world.client.sign_detached(sp.signed_part, world.bob)))
     raw = pgpmime_encrypted(world.client.encrypt(inner, [world.svc_fpr]))
-    res = unwrap(raw, world.svc)
+    res = unwrap(raw, world.svc, limits=LIMITS)
     [part] = res.text_parts
     assert part.encrypted and part.signature_valid and part.signer_fpr == world.bob
 
@@ -109,7 +124,7 @@ def test_multipart_signed_inside_encryption(world: World) -> None:
 def test_exchange_mangled_is_repaired(world: World) -> None:
     """Exchange's multipart/mixed rewrite of PGP/MIME is recognised, repaired and decrypted."""
     raw = exchange_mangled(world.client.encrypt(inner_text_entity(BODY), [world.svc_fpr], signer=world.alice))
-    res = unwrap(raw, world.svc)
+    res = unwrap(raw, world.svc, limits=LIMITS)
     assert res.errors == [] and "repaired Exchange-mangled PGP/MIME" in res.notes
     [part] = res.text_parts
     assert part.encrypted and part.signature_valid and not res.partly_encrypted
@@ -125,7 +140,7 @@ def test_exchange_mangled_is_repaired(world: World) -> None:
 def test_broken_pgpmime_encrypted_structure(world: World, mangle, expected: str) -> None:  # type: ignore[no-untyped-def]
     """Wrong protocol, wrong part count or a missing 'Version: 1' give a reason and no decryption."""
     raw = mangle(pgpmime_encrypted(world.client.encrypt(inner_text_entity(BODY), [world.svc_fpr])))
-    res = unwrap(raw, world.svc)
+    res = unwrap(raw, world.svc, limits=LIMITS)
     assert expected in res.reason and res.decrypted_mime is None
     assert not any(p.encrypted for p in res.text_parts) and not res.encrypted
 
@@ -134,7 +149,7 @@ def test_plaintext_outside_encrypted_part_is_flagged(world: World) -> None:
     """A plaintext part next to the encrypted part is kept apart, unencrypted, and flagged partly_encrypted."""
     enc = strip_outer(pgpmime_encrypted(world.client.encrypt(inner_text_entity("secret text"), [world.svc_fpr])))
     raw = mixed_message(b"Content-Type: text/plain\r\n\r\nforwarded: please also wire money", enc)
-    res = unwrap(raw, world.svc)
+    res = unwrap(raw, world.svc, limits=LIMITS)
     assert res.partly_encrypted
     plain = [p for p in res.text_parts if not p.encrypted]
     secret = [p for p in res.text_parts if p.encrypted]
@@ -147,14 +162,14 @@ def test_compression_bomb_in_pgpmime(world: World) -> None:
     capped = OpenPGP(world.svc.home, max_output=1024 * 1024)
     armored = world.client.gpg("--enarmor", data=compression_bomb(world.client, world.svc_fpr, mib=20)).stdout
     armored = armored.replace(b"ARMORED FILE", b"MESSAGE")
-    res = unwrap(pgpmime_encrypted(armored), capped)
+    res = unwrap(pgpmime_encrypted(armored), capped, limits=LIMITS)
     assert "too large" in res.reason and res.text_parts == [] and res.decrypted_mime is None
 
 
 def test_decrypt_failure_exposes_no_plaintext(world: World) -> None:
     """A message without MDC (gpg prints the plaintext, then fails) exposes nothing of the plaintext."""
     ct = no_mdc_to_key(world.client, inner_text_entity("TOP-SECRET-PAYLOAD"), world.svc_fpr)
-    res = unwrap(pgpmime_encrypted(ct), world.svc)
+    res = unwrap(pgpmime_encrypted(ct), world.svc, limits=LIMITS)
     assert "no integrity protection" in res.reason
     assert res.decrypted_mime is None and res.text_parts == []
     assert "TOP-SECRET-PAYLOAD" not in repr(res) and all(b"TOP-SECRET" not in a.data for a in res.attachments)
@@ -162,9 +177,10 @@ def test_decrypt_failure_exposes_no_plaintext(world: World) -> None:
 
 def test_symmetric_and_unknown_key_give_reasons(world: World) -> None:
     """Passphrase-encrypted and foreign-key messages produce a reason and never raise."""
-    sym = unwrap(pgpmime_encrypted(symmetric(world.client, inner_text_entity(BODY))), world.svc)
+    sym = unwrap(pgpmime_encrypted(symmetric(world.client, inner_text_entity(BODY))), world.svc, limits=LIMITS)
     assert "symmetric" in sym.reason
-    foreign = unwrap(pgpmime_encrypted(world.client.encrypt(inner_text_entity(BODY), [world.bob])), world.svc)
+    foreign_raw = pgpmime_encrypted(world.client.encrypt(inner_text_entity(BODY), [world.bob]))
+    foreign = unwrap(foreign_raw, world.svc, limits=LIMITS)
     assert "key we do not hold" in foreign.reason
 
 
@@ -176,7 +192,7 @@ def test_pgpmime_signed_valid(world: World, line_ending: bytes) -> None:
     """multipart/signed verifies over the first part's exact bytes, whether received with CRLF or LF."""
     sp = signed_part("Hello =\n  trailing spaces kept   \n-- \nAlice\n")
     raw = sp.message(world.client.sign_detached(sp.signed_part, world.alice), line_ending=line_ending)
-    res = unwrap(raw, world.svc)
+    res = unwrap(raw, world.svc, limits=LIMITS)
     assert res.errors == []
     [part] = res.text_parts
     assert part.signed and part.signature_valid and part.signer_fpr == world.alice and not part.encrypted
@@ -186,7 +202,7 @@ def test_pgpmime_signed_tampered(world: World) -> None:
     """Changing one byte of the signed part makes the signature invalid (bad signature)."""
     sp = signed_part("Pay 10 EUR\n")
     raw = sp.message(world.client.sign_detached(sp.signed_part, world.alice)).replace(b"10 EUR", b"99 EUR")
-    res = unwrap(raw, world.svc)
+    res = unwrap(raw, world.svc, limits=LIMITS)
     [part] = res.text_parts
     assert part.signed and not part.signature_valid and part.signer_fpr is None
     assert part.signature_reason == "bad signature" and "signature not valid" in res.reason
@@ -198,7 +214,7 @@ def test_pgpmime_signed_by_revoked_key(world: World) -> None:
     sig = world.client.sign_detached(sp.signed_part, world.dave)
     world.client.revoke(world.dave)  # dave is used by this test only
     world.svc.import_public(world.client.export(world.dave))
-    res = unwrap(sp.message(sig), world.svc)
+    res = unwrap(sp.message(sig), world.svc, limits=LIMITS)
     [part] = res.text_parts
     assert not part.signature_valid and part.signature_reason == "signing key revoked"
 
@@ -210,7 +226,8 @@ def test_pgpmime_signed_by_revoked_key(world: World) -> None:
 def test_broken_pgpmime_signed_structure(world: World, kwargs: dict, expected: str) -> None:  # type: ignore[type-arg]
     """A multipart/signed with the wrong protocol or part count is reported, its text kept as unsigned."""
     sp = signed_part("hello\n")
-    res = unwrap(sp.message(world.client.sign_detached(sp.signed_part, world.alice), **kwargs), world.svc)
+    raw = sp.message(world.client.sign_detached(sp.signed_part, world.alice), **kwargs)
+    res = unwrap(raw, world.svc, limits=LIMITS)
     assert expected in res.reason
     assert res.text_parts and not any(p.signed for p in res.text_parts)
 
@@ -222,7 +239,7 @@ def test_inline_encrypted_with_outside_text(world: World) -> None:
     """An inline armored block (K-9/Mailvelope) decrypts; text around it stays separate and is flagged."""
     block = world.client.encrypt(b"inline secret\n", [world.svc_fpr], signer=world.bob).decode()
     raw = plain_message(f"Hi,\n\n{block}\n-- \nsent from my phone")
-    res = unwrap(raw, world.svc)
+    res = unwrap(raw, world.svc, limits=LIMITS)
     assert res.partly_encrypted
     enc = [p for p in res.text_parts if p.encrypted]
     assert [p.text for p in enc] == ["inline secret\n"] and enc[0].signer_fpr == world.bob
@@ -232,7 +249,7 @@ def test_inline_encrypted_with_outside_text(world: World) -> None:
 def test_cleartext_signed(world: World) -> None:
     """A cleartext-signed block is verified; only gpg's signed text is marked signed."""
     signed = world.client.clearsign(b"- I found a bug\nreally\n", world.alice).decode()
-    res = unwrap(plain_message(f"unsigned intro\n{signed}"), world.svc)
+    res = unwrap(plain_message(f"unsigned intro\n{signed}"), world.svc, limits=LIMITS)
     signed_parts = [p for p in res.text_parts if p.signed]
     [sp] = signed_parts
     assert sp.signature_valid and sp.signer_fpr == world.alice and "- I found a bug" in sp.text
@@ -242,7 +259,7 @@ def test_cleartext_signed(world: World) -> None:
 def test_cleartext_signed_tampered(world: World) -> None:
     """A tampered cleartext signature is invalid and carries the unverified text, flagged."""
     signed = world.client.clearsign(b"pay 10\n", world.alice).decode().replace("pay 10", "pay 99")
-    res = unwrap(plain_message(signed), world.svc)
+    res = unwrap(plain_message(signed), world.svc, limits=LIMITS)
     [part] = res.text_parts
     assert part.signed and not part.signature_valid and part.signer_fpr is None and "pay 99" in part.text
 
@@ -252,7 +269,7 @@ def test_cleartext_signed_tampered(world: World) -> None:
 
 def test_plain_message(world: World) -> None:
     """A plain message yields its text, unflagged, with no errors."""
-    res = unwrap(plain_message("just text"), world.svc)
+    res = unwrap(plain_message("just text"), world.svc, limits=LIMITS)
     assert [p.text.strip() for p in res.text_parts] == ["just text"]
     assert res.errors == [] and not res.encrypted and not res.text_parts[0].signed
 
@@ -266,7 +283,7 @@ def test_keys_found_in_attachment_and_autocrypt(world: World) -> None:
     header = f"Autocrypt: addr=alice@example.org; prefer-encrypt=mutual; keydata=\n {folded}\n"
     att = b"Content-Type: application/pgp-keys; name=\"key.asc\"\r\n\r\n" + key.replace(b"\n", b"\r\n")
     raw = mixed_message(b"Content-Type: text/plain\r\n\r\nmy key", att, extra_headers=header)
-    res = unwrap(raw, world.svc)
+    res = unwrap(raw, world.svc, limits=LIMITS)
     assert binkey in res.keys_found and any(b"BEGIN PGP PUBLIC KEY BLOCK" in k for k in res.keys_found)
     assert world.svc.key_info(world.alice) is not None  # (already pinned) nothing imported implicitly
 
@@ -274,11 +291,41 @@ def test_keys_found_in_attachment_and_autocrypt(world: World) -> None:
 def test_deeply_nested_mime_is_bounded(world: World) -> None:
     """Pathologically nested multiparts stop at the depth limit with a reason, no exception."""
     body = b"Content-Type: text/plain\r\n\r\nbottom"
-    for i in range(MAX_DEPTH + 50):
+    for i in range(LIMITS.max_depth + 50):
         body = (f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n'.encode()
                 + body + f"\r\n--b{i}--\r\n".encode())
-    res = unwrap(b"Subject: x\r\n" + body, world.svc)
+    res = unwrap(b"Subject: x\r\n" + body, world.svc, limits=LIMITS)
     assert "too complex" in res.reason
+
+
+def test_limits_come_from_parsing_config(world: World) -> None:
+    """unwrap stops at the max_parts and max_depth of the ParsingConfig it is given."""
+    raw = mixed_message(*(f"Content-Type: text/plain\r\n\r\npart {i}".encode() for i in range(5)))
+    assert unwrap(raw, world.svc, limits=LIMITS).errors == []  # 6 parts
+    few = unwrap(raw, world.svc, limits=ParsingConfig(max_parts=3))
+    assert few.reason == "message too complex: more than 3 MIME parts"
+    nested = b"Content-Type: text/plain\r\n\r\nbottom"
+    for i in range(3):
+        nested = (f'Content-Type: multipart/mixed; boundary="n{i}"\r\n\r\n--n{i}\r\n'.encode()
+                  + nested + f"\r\n--n{i}--\r\n".encode())
+    nested = b"Subject: nested\r\n" + nested
+    assert unwrap(nested, world.svc, limits=LIMITS).errors == []  # depth 3
+    shallow = unwrap(nested, world.svc, limits=ParsingConfig(max_depth=2))
+    assert shallow.reason == "message too complex: MIME nesting deeper than 2"
+
+
+@pytest.mark.parametrize("bare", [b"\n", b"\r"])
+def test_bare_line_break_in_crlf_header_block_smuggles_no_header(world: World, bare: bytes) -> None:
+    """In a CRLF message a bare LF or CR in the header block is no line break: ``Subject: x<LF>Autocrypt: ...``
+    stays one header, as a strict MTA and mailer.parsing read it, so the reader finds no Autocrypt key."""
+    keydata = base64.b64encode(world.client.gpg("--export", world.alice).stdout).decode()
+    honest = plain_message("hello", extra_headers=f"Autocrypt: addr=alice@example.org; keydata={keydata}\n")
+    assert unwrap(honest, world.svc, limits=LIMITS).keys_found  # the same header on its own CRLF line counts
+    smuggled = honest.replace(b"\r\nAutocrypt: ", bare + b"Autocrypt: ", 1)
+    assert smuggled != honest
+    res = unwrap(smuggled, world.svc, limits=LIMITS)
+    assert res.keys_found == [] and res.errors == []
+    assert [p.text.strip() for p in res.text_parts] == ["hello"]
 
 
 @pytest.mark.parametrize("raw", [b"", b"\x00\xff\xfe garbage", b"Content-Type: multipart/mixed\r\n\r\nno boundary",
@@ -286,7 +333,7 @@ def test_deeply_nested_mime_is_bounded(world: World) -> None:
                                  b"Content-Type: text/plain; charset=no-such-charset\r\n\r\n\xff\xfe"])
 def test_garbage_never_raises(world: World, raw: bytes) -> None:
     """Garbage and half-formed MIME never raise out of unwrap."""
-    res = unwrap(raw, world.svc)
+    res = unwrap(raw, world.svc, limits=LIMITS)
     assert isinstance(res.errors, list)
 
 
@@ -299,7 +346,7 @@ def test_build_signed_round_trip(world: World) -> None:
     assert msg.get_content_type() == "multipart/signed" and msg.get_param("micalg") == "pgp-sha256"
     assert msg["Subject"] == "Re: your report" and msg["Message-ID"] == "<reply-1@example.com>"
     assert msg.get_payload(0)["Subject"] is None  # outer headers moved to the wrapper
-    res = unwrap(smtp_bytes(msg), world.svc)
+    res = unwrap(smtp_bytes(msg), world.svc, limits=LIMITS)
     assert res.errors == []
     assert all(p.signature_valid and p.signer_fpr == world.svc_fpr for p in res.text_parts)
     assert res.attachments[0].data == b"\x00\x01patch" and res.attachments[0].signature_valid
@@ -321,7 +368,7 @@ def test_build_encrypted_round_trip(world: World) -> None:
         recipient = OpenPGP(recipient_home)
         recipient.import_secret(world.client.export_secret(world.alice))
         recipient.import_public(world.svc.export_public(world.svc_fpr))
-        res = unwrap(smtp_bytes(msg), recipient)
+        res = unwrap(smtp_bytes(msg), recipient, limits=LIMITS)
     finally:
         kill_and_remove(recipient_home)
     assert res.errors == [] and res.protected_headers["Subject"] == "Your report #42"
@@ -341,7 +388,7 @@ def test_build_encrypted_to_key_blob_round_trip(world: World) -> None:
         recipient = OpenPGP(recipient_home)
         recipient.import_secret(reporter.export_secret(fpr))
         recipient.import_public(world.svc.export_public(world.svc_fpr))
-        res = unwrap(smtp_bytes(msg), recipient)
+        res = unwrap(smtp_bytes(msg), recipient, limits=LIMITS)
     finally:
         reporter.close()
         kill_and_remove(recipient_home)

@@ -8,11 +8,13 @@ from email.message import EmailMessage
 from sqlalchemy import func, select
 
 from mailer.app import Service
+from mailer.clock import FakeClock
 from mailer.config import Config
 from mailer.models import Event, InboundMessage, InboundState, Report, ReportMessage
-from mailer.worker import Worker, retry_failed
-from mailer.pipeline import PIPELINE
-from mailer.workflow import Processing
+from mailer.pipeline import PREPARE, Pipeline
+from mailer.processing import Processing
+from mailer.queues import retry_failed
+from mailer.worker import Worker
 from tests.conftest import smtp_port
 from tests.relay import CaptureRelay
 from tests.test_intake import CONTACT, asend, report_bytes
@@ -96,7 +98,7 @@ async def test_tracking_id_in_subject_is_a_followup(service: Service, relay: Cap
 
 async def test_references_to_the_report_is_a_followup(service: Service, relay: CaptureRelay) -> None:
     """A mail whose References names the original report joins it."""
-    report, _ = await file_one(service, relay)
+    _report, _ = await file_one(service, relay)
     await asend(smtp_port(service), mail("Another thing", "x", References="<unrelated@x.test> <orig@reporter.test>"))
     await service.settle()
     assert len(reports(service)) == 1
@@ -230,7 +232,8 @@ def nested(depth: int) -> bytes:
 
 
 def many_parts(count_: int) -> bytes:
-    head = 'From: rita@reporter.test\r\nTo: security@example.org\r\nSubject: wide\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="w"\r\n\r\n'
+    head = ('From: rita@reporter.test\r\nTo: security@example.org\r\nSubject: wide\r\nMIME-Version: 1.0\r\n'
+            'Content-Type: multipart/mixed; boundary="w"\r\n\r\n')
     body = "".join(f"--w\r\nContent-Type: text/plain\r\n\r\npart {i}\r\n" for i in range(count_))
     return (head + body + "--w--\r\n").encode()
 
@@ -279,15 +282,14 @@ def boom(ctx: Processing) -> None:
 
 async def test_failing_step_is_recorded_retried_then_kept_for_failed_retry(service: Service, relay: CaptureRelay) -> None:
     """A step that raises leaves the message failed with the step name; others go through; `failed retry` replays it."""
-    steps = (PIPELINE[0], boom, *PIPELINE[1:])
-    worker = Worker(service.db, service.config, service.outbox, steps=steps)
+    clock = FakeClock()
+    pipeline = Pipeline(prepare=(PREPARE[0], boom, *PREPARE[1:]))
+    worker = Worker(service.db, service.config, service.outbox, gpg=service.gpg, pipeline=pipeline, clock=clock)
     await asend(smtp_port(service), mail("poison", "poison pill"))
     await asend(smtp_port(service), mail("fine", "a normal report"))
     for _ in range(service.config.worker.max_attempts + 2):
         await worker.drain()
-        with service.db.session() as s:
-            for row in s.scalars(select(InboundMessage)):
-                row.next_attempt_at = None if row.state == "retry" else row.next_attempt_at
+        clock.advance(hours=1)  # past any retry backoff
     with service.db.session() as s:
         rows = list(s.scalars(select(InboundMessage).order_by(InboundMessage.id)))
         assert [r.state for r in rows] == [InboundState.FAILED.value, InboundState.DONE.value]

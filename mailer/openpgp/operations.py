@@ -1,0 +1,203 @@
+"""The OpenPGP operations of the service: :class:`OpenPGP` and the records it returns.
+
+Everything here is synchronous and blocking (GnuPG runs as a subprocess); from
+asyncio code call the methods through ``asyncio.to_thread``.  Every gpg run is
+bounded (:class:`~mailer.openpgp.process.BoundedGPG`), never uses
+``--ignore-mdc-error``, and each result record is built from that run's status
+lines and exit code by the rules of :mod:`mailer.openpgp.status`:
+
+* a failed decryption carries a ``reason`` and **no** data (gpg may have
+  printed plaintext before failing, e.g. of a message without integrity
+  protection: it is dropped here);
+* recipients are pinned fingerprints; encryption uses ``--trust-model always``
+  after checking the key is usable;
+* keys found in reporters' mail are never imported into the service keyring:
+  :meth:`OpenPGP.encrypt_to_key_blob` imports the blob into a throw-away
+  GNUPGHOME that is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from mailer.openpgp.errors import CryptoError, KeyImportError
+from mailer.openpgp.keyring import Keyring
+from mailer.openpgp.process import GpgRun, kill_agent
+from mailer.openpgp.status import (
+    Reason,
+    SignatureResult,
+    decrypt_failure,
+    evaluate_signature,
+    failure_text,
+    only_signature_failed,
+    recipients,
+    signature_micalg,
+    verify_inline_failure,
+)
+
+__all__ = ["DecryptResult", "DetachedSignature", "OpenPGP", "VerifiedText"]
+
+
+@dataclass(frozen=True)
+class DecryptResult:
+    """Outcome of :meth:`OpenPGP.decrypt`.  ``data`` is ``None`` unless ``ok``."""
+
+    ok: bool
+    reason: Reason
+    data: bytes | None = None
+    signature: SignatureResult = field(default_factory=SignatureResult.none)
+    recipients: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VerifiedText:
+    """Outcome of :meth:`OpenPGP.verify_inline`: the signed content gpg output."""
+
+    signature: SignatureResult
+    data: bytes | None
+    reason: Reason
+
+
+@dataclass(frozen=True)
+class DetachedSignature:
+    """An armored detached signature and the RFC 3156 ``micalg`` to announce."""
+
+    signature: bytes
+    micalg: str
+
+
+class OpenPGP(Keyring):
+    """The service's OpenPGP keyring (one GNUPGHOME) and the operations on it."""
+
+    # ------------------------------------------------------------------ encrypt / sign
+
+    def encrypt(self, data: bytes, recipients: list[str], *, armor: bool = True, sign: bool = False) -> bytes:
+        """Encrypt *data* to pinned fingerprints (``--trust-model always``).
+
+        Raises :class:`UnusableKey` for unknown, expired, revoked or
+        encrypt-incapable recipients.  ``sign=True`` signs with the service key
+        in the same OpenPGP message.
+        """
+        if not recipients:
+            raise CryptoError("no recipients")
+        fprs = [self._check_usable(r) for r in recipients]
+        return self._encrypt_to(data, fprs, armor=armor, signer=self.service_fingerprint() if sign else None)
+
+    def _encrypt_to(self, data: bytes, fprs: list[str], *, armor: bool, signer: str | None) -> bytes:
+        args = ["--encrypt"]
+        for fpr in fprs:
+            args += ["--recipient", fpr]
+        if armor:
+            args.append("--armor")
+        if signer is not None:
+            args += ["--sign", "--default-key", signer]
+        args += ["--trust-model", "always", "--no-encrypt-to", "--digest-algo", "SHA256", "--compress-algo", "zlib"]
+        if signer is not None:
+            args += self._pin_args()
+        run = self._gpg.run(args, data, passphrase=self._wire_passphrase() if signer else None)
+        if run.returncode != 0 or "END_ENCRYPTION" not in run.keys or run.output_truncated or run.timed_out:
+            raise CryptoError(f"encryption failed: {failure_text(run)}")
+        return run.data
+
+    def sign_detached(self, data: bytes) -> DetachedSignature:
+        """Armored detached SHA-256 signature by the service key, plus its micalg."""
+        signer = self.service_fingerprint()
+        run = self._gpg.run(["-sa", "--detach-sign", "--default-key", signer, "--digest-algo", "SHA256",
+                             *self._pin_args()], data, passphrase=self._wire_passphrase())
+        micalg = signature_micalg(run)
+        if micalg is None:
+            raise CryptoError(f"signing failed: {failure_text(run)}")
+        return DetachedSignature(signature=run.data, micalg=micalg)
+
+    def encrypt_to_key_blob(self, data: bytes, key_blob: bytes | str, *, armor: bool = True,
+                            also_to: Iterable[str] = ()) -> tuple[bytes, str]:
+        """Encrypt to a one-off public key (e.g. found in a reporter's mail).
+
+        The blob is imported into a scratch GNUPGHOME (``tempfile.mkdtemp``)
+        that is deleted afterwards; the service keyring never sees it.  It must
+        hold exactly one usable public key and no secret material.  Pinned
+        keys of the service keyring listed in *also_to* are copied into the
+        scratch home and added as recipients.  Returns ``(ciphertext, fpr)``.
+        """
+        extra_keys = [self.export_public(self._check_usable(f)) for f in also_to]
+        scratch = tempfile.mkdtemp(prefix="g")
+        try:
+            tmp = OpenPGP(scratch, timeout=self.timeout, max_output=self.max_output, gpgbinary=self.gpgbinary)
+            raw = key_blob.encode() if isinstance(key_blob, str) else key_blob
+            records = [r for r in tmp._scan(raw) if r[0] in ("pub", "sec")]
+            if len(records) != 1:
+                raise KeyImportError(f"key blob must hold exactly one key, found {len(records)}")
+            fpr = tmp.import_public(raw)[0]
+            tmp._check_usable(fpr)
+            extra_fprs = [tmp.import_public(k)[0] for k in extra_keys]
+            ciphertext = tmp._encrypt_to(data, [fpr, *extra_fprs], armor=armor, signer=None)
+            return ciphertext, fpr
+        finally:
+            kill_agent(scratch)
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    # ------------------------------------------------------------------ decrypt / verify
+
+    def decrypt(self, data: bytes) -> DecryptResult:
+        """Decrypt an OpenPGP message (armored or binary).  Never raises on bad input.
+
+        ``ok`` only when the decryption rules of :mod:`mailer.openpgp.status`
+        hold; otherwise ``data`` is ``None`` and ``reason`` says why.  A
+        signature inside the message is evaluated into ``signature``.
+        """
+        run = self._run_decrypt(data)
+        to = recipients(run.status)
+        reason = decrypt_failure(run)
+        if reason is Reason.FAILED and only_signature_failed(run.status):
+            # gpg exits non-zero when an embedded signature cannot be checked
+            # (unknown or bad signer).  The decryption itself must still pass
+            # the exit-0 rule: decrypt again without verification and report
+            # the signature from the first run (never valid: exit was != 0).
+            signature = evaluate_signature(run.status, run.returncode)
+            again = self._run_decrypt(data, skip_verify=True)
+            if decrypt_failure(again) is None:
+                return DecryptResult(True, Reason.OK, again.data, signature, to)
+        if reason is not None:
+            return DecryptResult(False, reason, None, SignatureResult.none(), to)
+        return DecryptResult(True, Reason.OK, run.data, evaluate_signature(run.status, run.returncode), to)
+
+    def _run_decrypt(self, data: bytes, *, skip_verify: bool = False) -> GpgRun:
+        args = ["--decrypt", "--max-output", str(self.max_output), "--no-allow-multiple-messages"]
+        if skip_verify:
+            args.append("--skip-verify")
+        args += self._pin_args()
+        return self._gpg.run(args, data, passphrase=self._wire_passphrase())
+
+    def verify_inline(self, data: bytes) -> VerifiedText:
+        """Verify a cleartext-signed (or inline signed) block; returns the signed content.
+
+        Refuses encrypted input (use :meth:`decrypt`).  ``data`` is set only
+        when exactly the signature rules hold.
+        """
+        run = self._run_decrypt(data)
+        failure = verify_inline_failure(run)
+        if failure is not None:
+            return VerifiedText(SignatureResult.none(), None, failure)
+        signature = evaluate_signature(run.status, run.returncode)
+        if not signature.valid:
+            return VerifiedText(signature, None, signature.reason)
+        return VerifiedText(signature, run.data, Reason.OK)
+
+    def verify_detached(self, data: bytes, signature: bytes | str) -> SignatureResult:
+        """Check a detached signature over exactly *data*."""
+        sig = signature.encode() if isinstance(signature, str) else signature
+        tmpdir = tempfile.mkdtemp(prefix="s")
+        try:
+            path = os.path.join(tmpdir, "sig")
+            with open(path, "wb") as fh:
+                fh.write(sig)
+            run = self._gpg.run(["--verify", path, "-"], data)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        if run.timed_out:
+            return SignatureResult(False, Reason.TIMEOUT)
+        return evaluate_signature(run.status, run.returncode)

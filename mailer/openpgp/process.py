@@ -1,0 +1,255 @@
+"""The bounded gpg process: every gpg run has a timeout, an output cap and a typed outcome.
+
+:class:`BoundedGPG` is python-gnupg with two guards on every gpg it starts:
+
+* a timer kills gpg after ``timeout`` seconds (the run is marked ``timed_out``);
+* the stdout reader keeps at most ``max_output`` bytes; on the first byte beyond
+  the cap it kills gpg and drops the rest (``output_truncated``), so memory
+  stays bounded whatever gpg emits.
+
+gpg always runs with ``--batch --no-tty`` (python-gnupg adds them), without any
+automatic key retrieval and with a scrubbed environment (no DISPLAY/GPG_TTY,
+so no pinentry pop-ups).  :meth:`BoundedGPG.run` returns a :class:`GpgRun`
+record built where gpg ran: status lines in order, exit code, stdout and the
+guard flags.  Everything here is blocking; call it through
+``asyncio.to_thread`` from asyncio code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import subprocess
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import gnupg
+
+from mailer.openpgp.errors import GnuPGVersionError
+
+__all__ = [
+    "DEFAULT_MAX_OUTPUT",
+    "DEFAULT_TIMEOUT",
+    "MIN_GNUPG",
+    "MIN_PYTHON_GNUPG",
+    "BoundedGPG",
+    "GpgRun",
+    "check_versions",
+    "kill_agent",
+]
+
+MIN_GNUPG: tuple[int, ...] = (2, 2, 36)
+MIN_PYTHON_GNUPG: tuple[int, ...] = (0, 4, 4)
+
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_MAX_OUTPUT = 32 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def _fmt_version(version: Sequence[int]) -> str:
+    return ".".join(str(v) for v in version)
+
+
+def _parse_version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def check_versions(
+    gnupg_version: Sequence[int] | None = None,
+    python_gnupg_version: str | None = None,
+    gpgbinary: str = "gpg",
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Raise :class:`GnuPGVersionError` when GnuPG < 2.2.36 or python-gnupg < 0.4.4.
+
+    Without arguments the installed versions are detected (``gpg --version``
+    and ``gnupg.__version__``).  Returns the ``(gnupg, python_gnupg)`` versions.
+    """
+    if gnupg_version is None:
+        out = subprocess.run([gpgbinary, "--batch", "--version"], capture_output=True, timeout=10, check=False)
+        first = out.stdout.decode("utf-8", "replace").splitlines()[:1]
+        gnupg_version = _parse_version(first[0]) if first else ()
+    installed: str = gnupg.__version__
+    pyver = _parse_version(python_gnupg_version if python_gnupg_version is not None else installed)
+    gver = tuple(gnupg_version)
+    if gver < MIN_GNUPG:
+        raise GnuPGVersionError("GnuPG", _fmt_version(gver) or "unknown", _fmt_version(MIN_GNUPG))
+    if pyver < MIN_PYTHON_GNUPG:
+        raise GnuPGVersionError("python-gnupg", _fmt_version(pyver) or "unknown", _fmt_version(MIN_PYTHON_GNUPG))
+    return gver, pyver
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass(frozen=True)
+class GpgRun:
+    """What one gpg process left: its status lines (in order), exit code, stdout and guard flags.
+
+    ``returncode`` is ``None`` only if gpg could not be waited for.  ``data``
+    is whatever gpg printed, also on failure: the status rules decide whether
+    it may be used (it is left out of ``repr``).
+    """
+
+    status: tuple[tuple[str, str], ...]
+    returncode: int | None
+    data: bytes = field(default=b"", repr=False)
+    stderr: str = field(default="", repr=False)
+    timed_out: bool = False
+    output_truncated: bool = False
+    input_broken: bool = False  # gpg exited (or was killed) before reading all of its input
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """The status keywords seen."""
+        return frozenset(k for k, _ in self.status)
+
+    def values(self, key: str) -> list[str]:
+        """The arguments of every status line *key*, in order."""
+        return [v for k, v in self.status if k == key]
+
+
+class _Guard:
+    """The kill switch of one gpg process (timeout and output cap)."""
+
+    def __init__(self, process: subprocess.Popen[bytes] | None) -> None:
+        self.process = process
+        self.timed_out = False
+        self.output_truncated = False
+        self._lock = threading.Lock()
+
+    def expire(self) -> None:
+        with self._lock:
+            self.timed_out = True
+        _kill(self.process)
+
+    def overflow(self) -> None:
+        with self._lock:
+            first = not self.output_truncated
+            self.output_truncated = True
+        if first:
+            _kill(self.process)
+
+
+class _StatusCollector(gnupg.StatusHandler):  # type: ignore[misc]  # python-gnupg is untyped
+    """Result object of :meth:`BoundedGPG.run`: keeps every status line in order."""
+
+    def __init__(self, gpg: BoundedGPG) -> None:
+        super().__init__(gpg)
+        self.status: list[tuple[str, str]] = []
+        self.data = b""
+        self.stderr = ""
+        self.returncode: int | None = None
+        self.guard: _Guard | None = None
+        self.input_broken = False
+
+    def handle_status(self, key: str, value: str) -> None:
+        self.status.append((key, value))
+
+    def record(self) -> GpgRun:
+        guard = self.guard
+        return GpgRun(status=tuple(self.status), returncode=self.returncode, data=bytes(self.data),
+                      stderr=self.stderr, timed_out=bool(guard and guard.timed_out),
+                      output_truncated=bool(guard and guard.output_truncated), input_broken=self.input_broken)
+
+
+# --------------------------------------------------------------------------- bounded gpg
+
+
+class BoundedGPG(gnupg.GPG):  # type: ignore[misc]  # python-gnupg is untyped
+    """python-gnupg with a per-process timeout and a cap on stdout (see the module docstring).
+
+    The guards apply to every gpg this object starts, also through python-gnupg's
+    own methods (``list_keys``, ``import_keys``, ...); :meth:`run` also reports them.
+    """
+
+    def __init__(self, gnupghome: str, *, timeout: float = DEFAULT_TIMEOUT,
+                 max_output: int = DEFAULT_MAX_OUTPUT, gpgbinary: str = "gpg") -> None:
+        # set before python-gnupg's __init__: it already runs gpg (--list-config)
+        self.timeout = timeout
+        self.max_output = max_output
+        self._guards: dict[int, _Guard] = {}  # id(result object) -> guard of the process filling it
+        self._guards_lock = threading.Lock()
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "TMPDIR")}
+        env["LC_ALL"] = "C"
+        env["LANGUAGE"] = "C"
+        options = ["--no-auto-key-retrieve", "--no-auto-key-import", "--no-auto-key-locate",
+                   "--no-greeting", "--exit-on-status-write-error"]
+        super().__init__(gpgbinary=gpgbinary, gnupghome=gnupghome, env=env, options=options,
+                         encoding="latin-1")  # decoding gpg's stderr can never fail
+
+    def run(self, args: Sequence[str], data: bytes = b"", passphrase: str | None = None) -> GpgRun:
+        """Run gpg with *args*, feeding *data* on stdin (after *passphrase*, if given)."""
+        if passphrase and not self.is_valid_passphrase(passphrase):
+            raise ValueError("Invalid passphrase")  # as python-gnupg: a line break would inject input
+        result = _StatusCollector(self)
+        self._handle_io(list(args), io.BytesIO(data), result, passphrase=passphrase, binary=True)
+        return result.record()
+
+    # ------------------------------------------------------------------ python-gnupg hooks
+
+    def _collect_output(self, process: subprocess.Popen[bytes], result: Any, writer: Any = None,
+                        stdin: Any = None) -> int:
+        guard = _Guard(process)
+        with self._guards_lock:
+            self._guards[id(result)] = guard
+        timer = threading.Timer(self.timeout, guard.expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            returncode: int = super()._collect_output(process, result, writer, stdin)
+            return returncode
+        finally:
+            timer.cancel()
+            with self._guards_lock:
+                self._guards.pop(id(result), None)
+            guard.process = None
+            if isinstance(result, _StatusCollector):
+                result.guard = guard
+
+    def _read_data(self, stream: IO[bytes], result: Any, on_data: Any = None, buffer_size: int = 1024) -> None:
+        with self._guards_lock:
+            guard = self._guards.get(id(result))
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            data = stream.read(buffer_size)
+            if not data:
+                break
+            if total + len(data) > self.max_output:
+                if guard is not None:
+                    guard.overflow()
+                continue  # drain (gpg is dead, EOF follows) without keeping
+            chunks.append(data)
+            total += len(data)
+        result.data = b"".join(chunks)
+
+    def _handle_io(self, args: list[str], fileobj_or_path: Any, result: Any, passphrase: str | None = None,
+                   binary: bool = False) -> Any:
+        # gpg may exit (or be killed by a guard) before reading all of its input;
+        # the writer thread then fails with EPIPE, which python-gnupg re-raises
+        # after the output was collected.  Not a programming error: keep the
+        # result (the exit code and the guard flags tell the story).
+        try:
+            return super()._handle_io(args, fileobj_or_path, result, passphrase=passphrase, binary=binary)
+        except BrokenPipeError:
+            if isinstance(result, _StatusCollector):
+                result.input_broken = True
+            return result
+
+
+def _kill(process: subprocess.Popen[bytes] | None) -> None:
+    if process is None:
+        return
+    with contextlib.suppress(OSError):  # already gone
+        process.kill()
+
+
+def kill_agent(home: str) -> None:
+    """Stop the gpg-agent (and other daemons) of the GnuPG home *home*."""
+    subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True, timeout=10, check=False)

@@ -1,0 +1,98 @@
+"""The steps every message takes before its route is chosen: parse → unwrap_openpgp → classify.
+
+``classify`` decides once, up front, what the message is (:class:`MessageKind`);
+the kind names the route it then follows (``mailer.pipeline.ROUTES``). No
+later step re-checks the kind.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from sqlalchemy import select
+
+from mailer import classify as rules
+from mailer import commands, tracking
+from mailer.authn import maintainer_by_address, maintainer_by_fingerprint
+from mailer.classify import MessageKind
+from mailer.config import Maintainer
+from mailer.models import Report, ReportMessage
+from mailer.parsing import envelope_address, parse_message
+from mailer.pgpmime import unwrap
+from mailer.processing import Processing, embedded_msgids
+
+# One scan of the raw bytes: is there OpenPGP to look at, and did the sender write encrypted?
+_OPENPGP = re.compile(rb"-----BEGIN PGP (?:MESSAGE)?|application/pgp-|multipart/(?:encrypted|signed)|^autocrypt:", re.I | re.M)
+_ENCRYPTED_MARKERS = (b"-----begin pgp message", b"multipart/encrypted")
+
+
+def parse(ctx: Processing) -> None:
+    ctx.envelope_from = envelope_address(ctx.inbound.mail_from)
+    ctx.message = parse_message(ctx.inbound.raw, ctx.config.parsing)
+
+
+def unwrap_openpgp(ctx: Processing) -> None:
+    """Decrypt and verify over the raw bytes as received, into the separate ``protected`` view."""
+    raw = ctx.inbound.raw
+    markers = {m.lower() for m in _OPENPGP.findall(raw)}
+    if not markers:
+        return
+    ctx.protected = pgp = unwrap(raw, ctx.gpg, limits=ctx.config.parsing)
+    ctx.encrypted_input = pgp.encrypted or any(m in markers for m in _ENCRYPTED_MARKERS)
+
+
+def _report_by_references(ctx: Processing, msgids: Sequence[str]) -> Report | None:
+    if not msgids:
+        return None
+    found = ctx.session.scalar(
+        select(ReportMessage.report_id).where(ReportMessage.message_id.in_(list(msgids[:100]))).limit(1)
+    )
+    return ctx.session.get(Report, found) if found is not None else None
+
+
+def _report_by_tracking_id(ctx: Processing) -> Report | None:
+    prefix = ctx.config.service.tracking_prefix
+    tracking_id = tracking.find(prefix, ctx.m.subject) or tracking.find(prefix, ctx.protected_subject)
+    if tracking_id is None:
+        return None
+    return ctx.session.scalar(select(Report).where(Report.tracking_id == tracking_id))
+
+
+def signed_maintainer(ctx: Processing) -> Maintainer | None:
+    """The maintainer whose pinned key made a valid signature in the message, if any."""
+    if ctx.protected is None:
+        return None
+    for part in ctx.protected.text_parts:
+        maintainer = maintainer_by_fingerprint(ctx.config, part.signer_fpr)
+        if maintainer is not None:
+            return maintainer
+    return None
+
+
+def claimed_maintainer(ctx: Processing) -> Maintainer | None:
+    """The maintainer the message claims to come from: by signature, else by (forgeable) address."""
+    return signed_maintainer(ctx) or maintainer_by_address(ctx.config, ctx.envelope_from, ctx.m.from_address)
+
+
+def _kind(ctx: Processing) -> MessageKind:
+    m = ctx.m
+    rcpts = {str(r).strip("<>").lower() for r in ctx.inbound.rcpt_tos}
+    if ctx.config.sendkey_address in rcpts and ctx.config.service.contact not in rcpts:
+        return MessageKind.SENDKEY
+    if rules.is_bounce(m, ctx.envelope_from):
+        ctx.report = _report_by_references(ctx, [*m.references, *embedded_msgids(ctx.inbound.raw)])
+        ctx.report = ctx.report or _report_by_tracking_id(ctx)
+        return MessageKind.BOUNCE if ctx.report is not None else MessageKind.IGNORED
+    ctx.report = _report_by_references(ctx, m.references) or _report_by_tracking_id(ctx)
+    # Commands look like commands and claim a maintainer; they are authenticated on their route.
+    if commands.looks_like_commands(ctx.text) and claimed_maintainer(ctx) is not None:
+        return MessageKind.COMMAND
+    if rules.is_auto_reply(m):
+        return MessageKind.AUTOREPLY if ctx.report is not None else MessageKind.IGNORED
+    return MessageKind.FOLLOWUP if ctx.report is not None else MessageKind.NEW
+
+
+def classify(ctx: Processing) -> None:
+    ctx.kind = _kind(ctx)
+    ctx.inbound.classification = ctx.kind.value

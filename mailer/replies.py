@@ -1,0 +1,117 @@
+"""Answering steps: the reporter's acknowledgement, the key request, the maintainers' notice.
+
+Automatic answers follow RFC 3834 (:func:`ack_blocked`); who gets what, and
+encrypted or not, is decided by :mod:`mailer.correspondence`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import func, select
+
+from mailer import classify
+from mailer.classify import MessageKind
+from mailer.models import OutboxMessage, ReportMessage, ReportState
+from mailer.outgoing import MailKind, Outgoing
+from mailer.parsing import FIELDS
+from mailer.processing import Processing, openpgp_summary
+from mailer.text import valid_address
+
+
+def _acks_sent_today(ctx: Processing, address: str) -> int:
+    query = select(func.count(OutboxMessage.id)).where(
+        OutboxMessage.rate_key == address,
+        OutboxMessage.kind == MailKind.ACK.value,
+        OutboxMessage.created_at >= ctx.now - timedelta(days=1),
+    )
+    return ctx.session.scalar(query) or 0
+
+
+def ack_blocked(ctx: Processing) -> str | None:
+    """Why this message gets no automatic answer (RFC 3834, invalid sender, rate limit), or None."""
+    reason = classify.no_reply_reason(ctx.m, ctx.envelope_from, ctx.config.service.contact)
+    if reason is None and valid_address(ctx.envelope_from) is None:
+        reason = "envelope sender is not a valid address"
+    if reason is None and _acks_sent_today(ctx, ctx.envelope_from) >= ctx.config.service.acks_per_sender_per_day:
+        reason = "acknowledgement rate limit for this sender reached"
+    return reason
+
+
+def _in_reply(ctx: Processing) -> tuple[str | None, tuple[str, ...]]:
+    msgid = ctx.m.message_id
+    return msgid, tuple(ctx.m.references[-10:]) + ((msgid,) if msgid else ())
+
+
+def answer_sendkey(ctx: Processing) -> None:
+    """Mail to the -sendkey sub-address is answered with the service's public key (RFC 3834 rules apply)."""
+    reason = ack_blocked(ctx)
+    if reason is not None:
+        ctx.event("sendkey.suppressed", reason=reason)
+        return
+    msgid = ctx.m.message_id
+    outbox = ctx.postman.enqueue(ctx.session, Outgoing(
+        kind=MailKind.ACK, to=ctx.envelope_from, subject=f"OpenPGP key of {ctx.config.service.contact}",
+        template="sendkey.txt.j2", in_reply_to=msgid, references=(msgid,) if msgid else (),
+        rate_key=ctx.envelope_from, attach_key=True,
+    ))
+    ctx.event("sendkey.queued", message_id=outbox.message_id, to=ctx.envelope_from)
+
+
+def acknowledge(ctx: Processing) -> None:
+    """The reporter hears within the SLA, with the tracking id; encrypted to their key when they sent one."""
+    report = ctx.report
+    assert report is not None
+    reason = ack_blocked(ctx)
+    if reason is not None:
+        ctx.event("ack.suppressed", reason=reason)
+        return
+    ctx.session.flush()
+    in_reply_to, references = _in_reply(ctx)
+    if ctx.encrypted_input:
+        # Generic text only: whoever sent it may be replaying someone else's ciphertext.
+        subject = f"[{report.tracking_id}] Your encrypted report was received"
+        template, context = "ack_encrypted.txt.j2", {}
+    else:
+        subject = f"[{report.tracking_id}] Re: {report.subject}" if report.subject else f"[{report.tracking_id}] Your security report"
+        template, context = "ack.txt.j2", {"missing": [FIELDS[m] for m in report.missing_fields]}
+    sent = ctx.mail.to_reporter(report, Outgoing(
+        kind=MailKind.ACK, to="", subject=subject, template=template, context=context, report_id=report.id,
+        in_reply_to=in_reply_to, references=references, rate_key=ctx.envelope_from,
+    ), what="ack")
+    if sent is None:
+        return
+    ctx.record_outgoing(sent.outbox, "ack")
+    report.state = ReportState.ACKNOWLEDGED.value
+    report.acknowledged_at = ctx.now
+    ctx.event("ack.queued", message_id=sent.outbox.message_id, to=report.reporter, encrypted=sent.encrypted)
+
+
+def _report_thread(ctx: Processing) -> str | None:
+    """Maintainers' notices of one report thread under the report's first message."""
+    assert ctx.report is not None
+    query = (
+        select(ReportMessage.message_id)
+        .where(ReportMessage.report_id == ctx.report.id, ReportMessage.kind == "report")
+        .order_by(ReportMessage.id)
+        .limit(1)
+    )
+    return ctx.session.scalar(query)
+
+
+def notify_maintainers(ctx: Processing) -> None:
+    """Report content reaches maintainers only encrypted to their pinned key (fail closed)."""
+    report = ctx.report
+    assert report is not None
+    label = "New report" if ctx.kind is MessageKind.NEW else "Follow-up"
+    thread = _report_thread(ctx)
+    notice = Outgoing(
+        kind=MailKind.NOTICE, to="", subject=f"[{report.tracking_id}] {label}", template="notice.txt.j2",
+        context={
+            "report": report, "message": ctx.report_message, "label": label,
+            "openpgp": openpgp_summary(ctx.protected), "attachments": ctx.attachments,
+        },
+        report_id=report.id, in_reply_to=thread, references=(thread,) if thread else (),
+    )
+    for outbox in ctx.mail.to_maintainers(report, notice):
+        ctx.record_outgoing(outbox, "notice")
