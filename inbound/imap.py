@@ -21,7 +21,11 @@ Safety rules (the reason for the order of every step below):
    first selects the mailbox are left alone (:func:`import_since` takes them on
    request); everything that arrives afterwards is taken, read or not. Messages we
    flagged (``UNKEYWORD $SecMailerStored``) are never taken again.
-5. **Keep running.** Any failure (network, TLS, login, BYE, a database error) closes
+5. **One poller per mailbox.** Several instances may watch the same mailbox; a lease row
+   (:func:`mailer.db.acquire_lease`, renewed every third of ``lease_seconds``) lets one of
+   them poll while the others stand by, and one of those takes over when the lease
+   expires (the holder died) or is released (the holder stopped).
+6. **Keep running.** Any failure (network, TLS, login, BYE, a database error) closes
    the session, is logged and shown in :attr:`ImapPoller.health`, and the poller
    reconnects with exponential backoff. IDLE is used when offered, re-issued every
    ``idle_seconds`` (servers drop idlers silently), and the mailbox is scanned at
@@ -55,10 +59,11 @@ from inbound.imap_client import (
     imap_date,
     return_path,
 )
+from mailer import logs
 from mailer.clock import SYSTEM, Clock
 from mailer.config import ImapConfig
-from mailer.db import Database
-from mailer.intake import Received, Stored, store_batch
+from mailer.db import Database, acquire_lease, release_lease
+from mailer.intake import Received, Stored, header_message_id, store_batch
 from mailer.loop import backoff, run_every
 
 log = logging.getLogger(__name__)
@@ -103,6 +108,7 @@ class ImapPoller:
         backoff_max: float = 300.0,
         command_timeout: float = COMMAND_TIMEOUT,
         clock: Clock = SYSTEM,
+        lease_seconds: float = 30.0,
     ) -> None:
         self.config = config
         self.db = db
@@ -123,6 +129,9 @@ class ImapPoller:
         self._failures = 0
         self._retries = 0  # reconnect waits since the last session that lasted
         self.polled = asyncio.Event()  # set after every completed scan (tests wait on it)
+        self.lease_seconds = lease_seconds
+        self.lease_name = f"imap:{config.username}@{config.host}:{config.port}/{config.mailbox}"[:255]
+        self._standby_for: str | None = None  # the instance holding the mailbox's lease while we stand by
 
     # -- health --------------------------------------------------------------------------
 
@@ -144,22 +153,63 @@ class ImapPoller:
             "stored": self.counters.stored,
             "duplicates": self.counters.duplicates,
             "oversized": len(self.oversized),
+            "standby_for": self._standby_for,
         }
 
     # -- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Serve until cancelled; every failure is logged, shown in :attr:`health`, and retried with backoff."""
-        await run_every(self._connect_and_serve, every=self._next_wait, name="IMAP intake", log=log)
+        try:
+            await run_every(self._connect_and_serve, every=self._next_wait, name="IMAP intake", log=log)
+        finally:
+            # hand the mailbox to a standby instance at once instead of after the lease
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(release_lease, self.db, self.lease_name)
+
+    async def _take_lease(self) -> bool:
+        """True when this instance holds (or just took) the mailbox's lease; else stand by."""
+        holder = await asyncio.to_thread(acquire_lease, self.db, self.lease_name, now=self.clock(), seconds=self.lease_seconds)
+        if holder is None:
+            if self._standby_for is not None:
+                log.info("IMAP: taking over %s from %s", self.config.mailbox, self._standby_for)
+            self._standby_for = None
+            return True
+        if self._standby_for is None:
+            log.info("IMAP: %s is polled by %s; standing by", self.config.mailbox, holder)
+        self._standby_for = holder
+        self._state = "standby"
+        return False
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease while serving; lost (another instance took it after a stall) ends the session."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            if not await self._take_lease():
+                raise ImapError(f"the lease on {self.config.mailbox} passed to {self._standby_for}; standing by")
+
+    async def _serve_leased(self, conn: ImapConnection) -> None:
+        serve = asyncio.ensure_future(self._serve(conn))
+        keep = asyncio.ensure_future(self._keep_lease())
+        try:
+            done, _ = await asyncio.wait({serve, keep}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (serve, keep):
+                task.cancel()
+            await asyncio.wait({serve, keep})
+        for task in done:
+            task.result()
 
     async def _connect_and_serve(self) -> None:
         """One session, from connect until it fails; the failure is recorded, not raised."""
         healthy_after = min(self.config.idle_seconds, self.config.poll_seconds)
         started: float | None = None
         try:
+            if not await self._take_lease():
+                return
             async with self._session() as conn:
                 started = time.monotonic()
-                await self._serve(conn)
+                await self._serve_leased(conn)
         except Exception as exc:  # noqa: BLE001 - the service keeps running; health says why
             if started is not None and time.monotonic() - started >= healthy_after:
                 self._retries = 0  # a session that lasted: start the backoff over
@@ -171,6 +221,8 @@ class ImapPoller:
 
     def _next_wait(self) -> float:
         """The wait before the next connect (called once per session by :func:`run_every`)."""
+        if self._standby_for is not None:
+            return self.lease_seconds / 3
         delay = self._reconnect_delay()
         self._retries += 1
         return delay
@@ -305,11 +357,12 @@ class ImapPoller:
             Received(raw, "imap", f"{where};UID={uid}", return_path(raw), (self.config.username,)) for uid, raw in fetched
         ]
         results = await asyncio.to_thread(store_batch, self.db, batch)
-        for (uid, _), stored in zip(fetched, results, strict=True):
+        for (uid, raw), stored in zip(fetched, results, strict=True):
             state.last_uid = max(state.last_uid, uid)
             self.counters.stored += 1
             self.counters.duplicates += stored.duplicate
             log.debug("IMAP: UID %d stored as inbound %d%s", uid, stored.id, " (duplicate)" if stored.duplicate else "")
+            logs.received("imap", len(raw), header_message_id(raw), stored.id, stored.duplicate)
             if self.on_stored is not None:
                 self.on_stored(stored)
         return results

@@ -26,6 +26,7 @@ import aioimaplib
 
 from mailer.config import ImapConfig
 from mailer.errors import MailerError
+from mailer.parsing import UNKNOWN_ENVELOPE
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +164,15 @@ def fetch_literals(lines: list[Any]) -> dict[int, bytes]:
 
 
 def return_path(raw: bytes) -> str:
-    """The envelope sender recorded by the final MTA (topmost Return-Path), '' if absent or null."""
+    """The envelope sender recorded by the final MTA (topmost Return-Path); '' if null (``<>``).
+
+    Without a Return-Path (a message appended by a client) the sender is unknown, not null:
+    :data:`mailer.parsing.UNKNOWN_ENVELOPE`, and the message is filed and answered by its From.
+    """
     headers = BytesHeaderParser().parsebytes(raw[:256 * 1024])
     value = headers.get("Return-Path")
     if value is None:
-        return ""
+        return UNKNOWN_ENVELOPE
     return parseaddr(str(value))[1] or str(value).strip().strip("<>").strip()
 
 

@@ -1,21 +1,41 @@
-"""Engine, sessions and schema migrations."""
+"""Engine, sessions and schema migrations; the claims and leases several instances share work with.
+
+One database, several instances (PostgreSQL): every queue is drained by *claiming*
+rows, never by selecting them. A claim is ``claimed_by``/``claimed_until`` set in
+one short transaction on rows picked with ``FOR UPDATE SKIP LOCKED`` (SQLite has
+one writer, ``BEGIN IMMEDIATE``, and ignores the clause); an instance that dies
+leaves its claims to expire after the lease. A named :class:`~mailer.models.Lease`
+row gives one instance a job that must not run twice (polling an IMAP mailbox).
+
+SQLite is single-instance: :class:`InstanceLock` (``flock`` on a file beside the
+database) refuses a second ``mailer serve`` on the same file.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import secrets
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, delete, event, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from mailer.errors import DatabaseNotMigrated
+from mailer.audit import chain_new_events
+from mailer.errors import DatabaseNotMigrated, MailerError
+from mailer.models import InboundMessage, Lease, OutboxMessage
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -38,7 +58,9 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # created 0600 whatever the umask; SQLite gives the WAL and shm files the database's mode
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         # Take the write lock at BEGIN: a transaction never has to upgrade a stale read snapshot.
@@ -71,13 +93,21 @@ def check_migrated(engine: Engine, url: str) -> None:
         raise DatabaseNotMigrated(current, head)
 
 
+def new_owner() -> str:
+    """A name for one running instance in claims and leases: host, pid and a random part (pids are reused)."""
+    return f"{socket.gethostname()[:80]}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
 class Database:
     """Owns the engine and hands out transactional sessions."""
 
     def __init__(self, url: str) -> None:
         self.url = url
+        #: this instance's name in the claims it takes (see :func:`claim`)
+        self.owner = new_owner()
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        event.listen(self._sessions, "after_flush", chain_new_events)  # the audit chain (mailer.audit)
         # SQLite has one writer; queueing our own threads on a lock is far cheaper
         # than letting them sleep in SQLite's busy handler. PostgreSQL needs none.
         self._write_lock: threading.RLock | None = threading.RLock() if url.startswith("sqlite") else None
@@ -92,8 +122,157 @@ class Database:
         with self._write_lock, self._sessions() as session, session.begin():
             yield session
 
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database file, or None (PostgreSQL, in-memory)."""
+        database = self.engine.url.database if self.is_sqlite else None
+        return Path(database).resolve() if database and database != ":memory:" else None
+
     def check(self) -> None:
         check_migrated(self.engine, self.url)
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+# --------------------------------------------------------------------------- claims
+
+Claimable = type[InboundMessage] | type[OutboxMessage]
+
+
+def claimable(model: Claimable, now: datetime) -> Any:
+    """Rows nobody holds: never claimed, released, or their holder's lease ran out."""
+    return or_(model.claimed_until.is_(None), model.claimed_until < now)
+
+
+def claim(session: Session, model: Claimable, candidates: list[int], *, owner: str, now: datetime,
+          lease: float, where: Any = None) -> list[int]:
+    """Claim those of ``candidates`` still claimable (and matching ``where``) for ``owner``; the ids got, in order.
+
+    Rows another transaction holds are skipped, not waited for (``SKIP LOCKED``);
+    the update is conditional, so two instances never both get a row.
+    """
+    if not candidates:
+        return []
+    query = select(model.id).where(model.id.in_(candidates), claimable(model, now))
+    if where is not None:
+        query = query.where(where)
+    got = sorted(session.scalars(query.order_by(model.id).with_for_update(skip_locked=True)))
+    if got:
+        session.execute(
+            update(model).where(model.id.in_(got)).values(claimed_by=owner, claimed_until=now + timedelta(seconds=lease))
+            .execution_options(synchronize_session=False)
+        )
+    return got
+
+
+def renew_claims(db: Database, model: Claimable, ids: list[int], *, now: datetime, lease: float) -> int:
+    """Push the lease of our own claims on ``ids`` forward; rows held by a transaction of ours are skipped."""
+    if not ids:
+        return 0
+    with db.session() as session:
+        mine = list(session.scalars(
+            select(model.id).where(model.id.in_(ids), model.claimed_by == db.owner).with_for_update(skip_locked=True)
+        ))
+        if mine:
+            session.execute(update(model).where(model.id.in_(mine)).values(claimed_until=now + timedelta(seconds=lease))
+                            .execution_options(synchronize_session=False))
+        return len(mine)
+
+
+def release_claims(db: Database, model: Claimable, ids: list[int] | None = None, *, everyone: bool = False) -> int:
+    """Hand claims back at once (shutdown); ``everyone`` (SQLite at start, a single instance) clears stale ones too."""
+    with db.session() as session:
+        query = select(model.id).where(model.claimed_by.is_not(None))
+        if not everyone:
+            query = query.where(model.claimed_by == db.owner)
+        if ids is not None:
+            query = query.where(model.id.in_(ids))
+        held = list(session.scalars(query.with_for_update(skip_locked=True)))
+        if held:
+            session.execute(update(model).where(model.id.in_(held)).values(claimed_by=None, claimed_until=None)
+                            .execution_options(synchronize_session=False))
+        return len(held)
+
+
+# --------------------------------------------------------------------------- leases
+
+
+def acquire_lease(db: Database, name: str, *, now: datetime, seconds: float) -> str | None:
+    """Take or renew the named lease for ``db.owner``; None when we hold it now, else the current holder."""
+    until = now + timedelta(seconds=seconds)
+    try:
+        with db.session() as session:
+            row = session.get(Lease, name, with_for_update=True)
+            if row is None:
+                session.add(Lease(name=name, holder=db.owner, until=until, acquired_at=now))
+                session.flush()
+                return None
+            if row.holder != db.owner and row.until >= now:
+                return row.holder
+            if row.holder != db.owner:
+                row.holder, row.acquired_at = db.owner, now
+            row.until = until
+            return None
+    except IntegrityError:  # another instance inserted it first
+        return "another instance"
+
+
+def release_lease(db: Database, name: str) -> None:
+    with db.session() as session:
+        session.execute(delete(Lease).where(Lease.name == name, Lease.holder == db.owner))
+
+
+# --------------------------------------------------------------------------- SQLite: one instance
+
+
+class InstanceLocked(MailerError):
+    """Another ``mailer serve`` is using this SQLite database."""
+
+
+class InstanceLock:
+    """``flock`` on ``<database>.lock``, holding the pid and host of the instance that has it.
+
+    The kernel drops the lock when the process dies, however it dies, so a
+    crashed instance never blocks the next one.
+    """
+
+    def __init__(self, database: Path) -> None:
+        self.database = database
+        self.path = database.with_name(database.name + ".lock")
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        """:raises InstanceLocked: naming the other instance's pid and host."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open while the service runs
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().split()
+            handle.close()
+            pid, host = [*holder, "?", "?"][:2]
+            raise InstanceLocked(
+                f"another mailer serve (pid {pid} on {host}) is using the SQLite database {self.database}; "
+                "SQLite allows one instance: stop that one first, or move to PostgreSQL for several "
+                "(MAILER_DATABASE_URL, then `mailer db upgrade`)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is None:
+            return
+        with contextlib.suppress(OSError):
+            self._file.seek(0)
+            self._file.truncate()
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+        self._file.close()
+        self._file = None

@@ -1,4 +1,19 @@
-"""The worker: runs the pipeline over stored messages, one transaction each.
+"""The worker: runs the pipeline over stored messages, several at once, one transaction each.
+
+Messages are *claimed*, not selected (:func:`mailer.db.claim`): several
+instances on one PostgreSQL database share the stored messages with no
+duplicate and no loss, and the claims of an instance that died expire after
+``worker.lease_seconds``. The processing transaction locks the message row and
+checks the claim is still ours, so a message is filed once even when a lease
+ran out under a slow run.
+
+Up to ``worker.concurrency`` messages are processed at once, each in its own
+thread and transaction (their gpg calls are subprocesses, so they use more than
+one core). The pick is fair: envelope senders take turns (round-robin: the
+sender served longest ago, or never, goes first, with its oldest due message),
+and never two messages of one sender are processed at once (here or in another
+instance), so one sender's flood cannot starve the others: a report from
+anyone else waits at most one round.
 
 A message whose step fails is rolled back, marked ``retry`` with the step name
 and error, and tried again after a backoff; after ``max_attempts`` it is
@@ -9,18 +24,22 @@ messages behind it, and it is never deleted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import and_, func, or_, select, update
 
+from mailer import logs
 from mailer.clock import SYSTEM, Clock
 from mailer.config import Config
-from mailer.db import Database
+from mailer.db import Database, claim, claimable
 from mailer.errors import StepError
 from mailer.loop import backoff, run_every
+from mailer.metrics import FAILURES
 from mailer.models import InboundMessage, InboundState
 from mailer.openpgp import OpenPGP
 from mailer.outgoing import Postman
@@ -29,10 +48,13 @@ from mailer.processing import Processing
 
 log = logging.getLogger(__name__)
 
-BATCH = 50
+WAITING = (InboundState.RECEIVED.value, InboundState.RETRY.value)
 
 
 class Worker:
+    #: the senders whose oldest due message is considered per pick (the oldest heads first)
+    SENDERS_CONSIDERED = 500
+
     def __init__(
         self,
         db: Database,
@@ -54,38 +76,86 @@ class Worker:
         self.on_done = on_done
         self.intake_busy = intake_busy
         self.wake = asyncio.Event()
-        self._current: asyncio.Future[bool] | None = None
+        self.concurrency = config.worker.concurrency
+        self.lease = config.worker.lease_seconds
+        #: False once shutdown began: nothing new is claimed
+        self.accepting = True
+        self._inflight: dict[asyncio.Future[bool], tuple[int, str]] = {}
+        self._served: dict[str, int] = {}  # sender -> the turn it was last served in (round-robin)
+        self._turn = 0
+        self._executor: ThreadPoolExecutor | None = None
 
+    # ------------------------------------------------------------------ claiming
 
-    async def finish(self) -> None:
-        """Wait for the message being processed, if any (called at shutdown after the loop is cancelled)."""
-        if self._current is not None and not self._current.done():
-            await asyncio.wait({self._current})
+    def claim(self, limit: int, *, busy: frozenset[str] = frozenset(), skip: frozenset[int] = frozenset()) -> list[tuple[int, str]]:
+        """Claim up to ``limit`` due messages, senders in turn; ``(id, mail_from)`` of each one got.
+
+        ``busy``: senders with a message in flight here; ``skip``: ids not to take again in this pass.
+        """
+        if limit <= 0:
+            return []
+        now = self.clock()
+        due = and_(
+            InboundMessage.state.in_(WAITING),
+            or_(InboundMessage.next_attempt_at.is_(None), InboundMessage.next_attempt_at <= now),
+            claimable(InboundMessage, now),
+        )
+        # senders with a message claimed anywhere (this instance or another): one at a time per sender
+        held = select(InboundMessage.mail_from).where(InboundMessage.state.in_(WAITING), InboundMessage.claimed_until >= now)
+        head = func.min(InboundMessage.id)
+        query = select(head, InboundMessage.mail_from).where(due, InboundMessage.mail_from.not_in(held))
+        if busy:
+            query = query.where(InboundMessage.mail_from.not_in(sorted(busy)))
+        if skip:
+            query = query.where(InboundMessage.id.not_in(sorted(skip)))
+        query = query.group_by(InboundMessage.mail_from).order_by(head).limit(self.SENDERS_CONSIDERED)
+        with self.db.session() as session:
+            heads = {id_: sender for id_, sender in session.execute(query)}
+            # round-robin: the sender served longest ago (or never) first, then the oldest message
+            candidates = sorted(heads, key=lambda id_: (self._served.get(heads[id_], 0), id_))[:limit]
+            got = claim(session, InboundMessage, candidates, owner=self.db.owner, now=now, lease=self.lease,
+                        where=InboundMessage.state.in_(WAITING))
+        for id_ in got:
+            self._turn += 1
+            self._served[heads[id_]] = self._turn
+        if len(self._served) > 4 * self.SENDERS_CONSIDERED:  # forget the senders served longest ago
+            for sender, _ in sorted(self._served.items(), key=lambda item: item[1])[: len(self._served) // 2]:
+                del self._served[sender]
+        return [(id_, heads[id_]) for id_ in sorted(got, key=candidates.index)]
 
     def due(self) -> list[int]:
+        """Ids of the messages due now, whoever holds them (for inspection; the worker claims)."""
         now = self.clock()
         with self.db.session() as session:
             query = (
                 select(InboundMessage.id)
-                .where(InboundMessage.state.in_([InboundState.RECEIVED.value, InboundState.RETRY.value]))
+                .where(InboundMessage.state.in_(WAITING))
                 .where(or_(InboundMessage.next_attempt_at.is_(None), InboundMessage.next_attempt_at <= now))
                 .order_by(InboundMessage.id)
-                .limit(BATCH)
             )
             return list(session.scalars(query))
 
+    # ------------------------------------------------------------------ one message
+
     def process(self, inbound_id: int) -> bool:
-        """Run the pipeline for one message; True when it completed."""
+        """Run the pipeline for one message we claimed; True when it completed."""
         try:
             with self.db.session() as session:
-                inbound = session.get(InboundMessage, inbound_id)
-                if inbound is None or inbound.state not in (InboundState.RECEIVED.value, InboundState.RETRY.value):
+                # the row lock: a second instance whose claim raced ours waits here, then sees it done
+                inbound = session.get(InboundMessage, inbound_id, with_for_update=True)
+                if inbound is None or inbound.state not in WAITING:
+                    return False
+                if inbound.claimed_by not in (None, self.db.owner):
+                    log.info("message %s was taken over by %s (our claim expired); skipped", inbound_id, inbound.claimed_by)
                     return False
                 ctx = Processing(session, self.config, self.postman, self.gpg, inbound, self.clock())
                 self.pipeline.run(ctx)
+                summary = logs.summarise(ctx)
                 inbound.state = InboundState.DONE.value
                 inbound.processed_at = ctx.now
                 inbound.failed_step = inbound.last_error = None
+                inbound.claimed_by = inbound.claimed_until = None
+            logs.processed(summary)  # one line per message, after the commit
             return True
         except StepError as exc:
             self._record_failure(inbound_id, exc.step, exc)
@@ -95,13 +165,15 @@ class Worker:
 
     def _record_failure(self, inbound_id: int, step: str, exc: BaseException) -> None:
         log.error("message %s failed in step %s: %s", inbound_id, step, exc, exc_info=exc)
+        FAILURES.labels(step).inc()
         with self.db.session() as session:
-            inbound = session.get(InboundMessage, inbound_id)
-            if inbound is None:
+            inbound = session.get(InboundMessage, inbound_id, with_for_update=True)
+            if inbound is None or inbound.state not in WAITING or inbound.claimed_by not in (None, self.db.owner):
                 return
             inbound.attempts += 1
             inbound.failed_step = step
             inbound.last_error = f"{type(exc).__name__}: {exc}"[:4000]
+            inbound.claimed_by = inbound.claimed_until = None
             if inbound.attempts >= self.config.worker.max_attempts:
                 inbound.state = InboundState.FAILED.value
                 inbound.next_attempt_at = None
@@ -110,20 +182,80 @@ class Worker:
                 inbound.state = InboundState.RETRY.value
                 inbound.next_attempt_at = self.clock() + timedelta(seconds=delay)
 
+    def release(self, ids: list[int]) -> None:
+        """Hand back claims we will not process (shutdown)."""
+        if not ids:
+            return
+        with self.db.session() as session:
+            session.execute(
+                update(InboundMessage).where(InboundMessage.id.in_(ids), InboundMessage.claimed_by == self.db.owner)
+                .values(claimed_by=None, claimed_until=None).execution_options(synchronize_session=False)
+            )
+
+    # ------------------------------------------------------------------ the loop
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="worker")
+        return self._executor
+
     async def drain(self) -> int:
-        """Process every message due now, each at most once per call; returns how many completed."""
+        """Process every message due now, up to ``concurrency`` at once; returns how many completed.
+
+        A message that fails is not taken again in the same call. Returns when
+        nothing is claimable and nothing is in flight.
+        """
+        loop = asyncio.get_running_loop()
         done = 0
-        seen: set[int] = set()
-        while ids := [i for i in await asyncio.to_thread(self.due) if i not in seen]:
-            for inbound_id in ids:
-                seen.add(inbound_id)
+        failed: set[int] = set()
+        while True:
+            free = self.concurrency - len(self._inflight)
+            if free > 0 and self.accepting:
                 await self._yield_to_intake()
-                # shielded: a cancel (shutdown) lets the message's transaction finish instead of abandoning the thread
-                self._current = asyncio.ensure_future(asyncio.to_thread(self.process, inbound_id))
-                done += await asyncio.shield(self._current)
-            if self.on_done is not None:
+                busy = frozenset(sender for _, sender in self._inflight.values())
+                self.wake.clear()
+                for inbound_id, sender in await asyncio.to_thread(self.claim, free, busy=busy, skip=frozenset(failed)):
+                    future = loop.run_in_executor(self._pool(), self.process, inbound_id)
+                    self._inflight[future] = (inbound_id, sender)
+            if not self._inflight:
+                return done
+            # a shutdown cancel lets the messages' transactions finish (see finish()) instead of abandoning them
+            # new mail wakes us only while a slot is free (else the wake-up would spin)
+            room = self.accepting and len(self._inflight) < self.concurrency
+            waker: asyncio.Future[bool] = asyncio.ensure_future(self.wake.wait() if room else asyncio.Event().wait())
+            try:
+                finished, _ = await asyncio.wait({*self._inflight, waker}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waker.cancel()
+            completed = 0
+            for future in finished:
+                if future is waker:
+                    continue
+                inbound_id, _sender = self._inflight.pop(future)
+                if future.result():
+                    completed += 1
+                else:
+                    failed.add(inbound_id)
+            done += completed
+            if completed and self.on_done is not None:
                 self.on_done()
-        return done
+
+    async def finish(self, timeout: float | None = None) -> int:
+        """Stop claiming and wait (at most ``timeout`` s) for the messages in flight; returns how many are still running."""
+        self.accepting = False
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=timeout)
+        for future in [f for f in self._inflight if f.done()]:
+            del self._inflight[future]
+            with contextlib.suppress(Exception):
+                future.result()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        if self._inflight:
+            log.warning("%d message(s) still being processed at the end of the shutdown grace period; "
+                        "their claims expire after %.0f s", len(self._inflight), self.lease)
+        return len(self._inflight)
 
     async def _yield_to_intake(self, limit: float = 2.0) -> None:
         """Let pending DATA commits go first: a sender waiting for 250 matters more than an ack's latency."""
@@ -137,4 +269,3 @@ class Worker:
     async def run(self) -> None:
         """Process on wake-up (new mail) or every ``poll_seconds``; a failed pass (database away) is logged and retried."""
         await run_every(self.drain, every=self.config.worker.poll_seconds, wake=self.wake, name="worker", log=log)
-

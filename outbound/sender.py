@@ -9,21 +9,24 @@ aiosmtplib's types stop here: callers see :class:`DeliveryError`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import mailbox
 import os
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
 import aiosmtplib
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from mailer import logs
 from mailer.clock import SYSTEM, Clock
 from mailer.config import RelayConfig
-from mailer.db import Database
+from mailer.db import Database, claim, claimable, release_claims, renew_claims
 from mailer.errors import DeliveryError
 from mailer.loop import backoff, run_every
 from mailer.models import Event, OutboxMessage, OutboxState
@@ -46,6 +49,10 @@ class Transport(Protocol):
         """:raises DeliveryError: with ``temporary`` set for retryable failures."""
         ...
 
+    async def close(self) -> None:
+        """Close a connection kept open between sends (nothing to do for a maildir)."""
+        ...
+
 
 class MaildirTransport:
     """Writes each message into a local maildir (the embedded default: inspectable, no relay)."""
@@ -54,11 +61,12 @@ class MaildirTransport:
         self.path = path
 
     def _write(self, raw: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        box = mailbox.Maildir(str(self.path), create=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        box = mailbox.Maildir(str(self.path), create=True)  # directories 0700
         key = box.add(raw)
         fd = os.open(os.path.join(self.path, "new", key), os.O_RDONLY)
         try:
+            os.fchmod(fd, 0o600)  # private whatever the umask
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -69,40 +77,85 @@ class MaildirTransport:
         except OSError as exc:
             raise DeliveryError(f"maildir write failed: {exc}", temporary=True) from exc
 
+    async def close(self) -> None:
+        """Nothing is kept open between deliveries."""
+
 
 class SmtpTransport:
+    """Delivers to the relay over one SMTP connection, reused for the next message while it lasts.
+
+    The connection is checked with NOOP when it sat idle, and dropped after any
+    error (the message is then retried by the sender with its backoff) and when
+    the sender has nothing more to send (:meth:`close`).
+    """
+
+    IDLE_CHECK = 1.0  # seconds idle after which a NOOP checks the connection before it is reused
+
     def __init__(self, config: RelayConfig) -> None:
         parts = urlsplit(config.url)
         self.host = parts.hostname or "localhost"
         self.tls = parts.scheme == "smtps"
         self.port = parts.port or (465 if self.tls else 25)
         self.config = config
+        # read once, at start: a missing password file stops the start (mailer.config.check_files names it)
+        self.password = config.secret() or None
+        self._client: aiosmtplib.SMTP | None = None
+        self._used_at = 0.0
+        self.connections = 0  # opened so far (tests and the benchmark read it)
+
+    async def _connection(self) -> aiosmtplib.SMTP:
+        loop = asyncio.get_running_loop()
+        client = self._client
+        if client is not None and client.is_connected and loop.time() - self._used_at > self.IDLE_CHECK:
+            try:
+                await client.noop()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                self._drop()
+                client = None
+        if client is None or not client.is_connected:
+            client = aiosmtplib.SMTP(
+                hostname=self.host, port=self.port, use_tls=self.tls,
+                start_tls=self.config.starttls or None if not self.tls else False,
+                username=self.config.username or None, password=self.password,
+                timeout=self.config.timeout_seconds,
+            )
+            await client.connect()
+            self._client = client
+            self.connections += 1
+        return client
+
+    def _drop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     async def send(self, envelope: Envelope) -> None:
         try:
-            errors, _response = await aiosmtplib.send(
-                envelope.raw,
-                sender=envelope.mail_from,
-                recipients=envelope.rcpt_tos,
-                hostname=self.host,
-                port=self.port,
-                use_tls=self.tls,
-                start_tls=self.config.starttls or None if not self.tls else False,
-                username=self.config.username or None,
-                password=self.config.secret() or None,
-                timeout=self.config.timeout_seconds,
-            )
+            client = await self._connection()
+            errors, _response = await client.sendmail(envelope.mail_from, envelope.rcpt_tos, envelope.raw)
+            self._used_at = asyncio.get_running_loop().time()
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [r.code for r in exc.recipients]
             raise DeliveryError(f"all recipients refused: {exc}", temporary=all(400 <= c < 500 for c in codes)) from exc
         except aiosmtplib.SMTPResponseException as exc:
+            self._drop()
             temporary = 400 <= exc.code < 500
             raise DeliveryError(f"relay answered {exc.code} {exc.message}", temporary=temporary, code=exc.code) from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            self._drop()
             raise DeliveryError(f"relay unreachable: {exc}", temporary=True) from exc
         if errors:
             refused = ", ".join(f"{addr}: {resp.code}" for addr, resp in errors.items())
             log.warning("some recipients refused: %s", refused)
+
+    async def close(self) -> None:
+        """QUIT the open connection, if any."""
+        client, self._client = self._client, None
+        if client is not None and client.is_connected:
+            try:
+                await client.quit()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                client.close()
 
 
 def transport_for(url: str, config: RelayConfig) -> Transport:
@@ -112,60 +165,143 @@ def transport_for(url: str, config: RelayConfig) -> Transport:
 
 
 class Sender:
-    def __init__(self, db: Database, transport: Transport, *, clock: Clock = SYSTEM) -> None:
+    """Delivers the outbox: claims due rows, sends them one after the other, records the outcomes in batches.
+
+    Rows are *claimed* (:func:`mailer.db.claim`) so several instances never send
+    one row twice; the claim is renewed while the batch is being sent and expires
+    ``lease`` seconds after an instance died. A row sent but not yet recorded when
+    the process dies is sent again after the lease, with the same Message-ID.
+    """
+
+    BATCH = 50  # rows claimed at once
+    RECORD_EVERY = 10  # outcomes recorded per transaction
+
+    def __init__(self, db: Database, transport: Transport, *, clock: Clock = SYSTEM, lease: float = 30.0) -> None:
         self.db = db
         self.transport = transport
         self.clock = clock
+        self.lease = lease
         self.wake = asyncio.Event()
+        #: set at shutdown: the row being sent is finished and recorded, the rest handed back
+        self.stopping = asyncio.Event()
+        self.busy = False  # inside a drain (shutdown waits for the mail being sent)
+        self._held: list[int] = []
 
-    def _due(self) -> list[OutboxMessage]:
-        with self.db.session() as session:
-            query = (
-                select(OutboxMessage)
-                .where(OutboxMessage.state == OutboxState.PENDING.value, OutboxMessage.next_attempt_at <= self.clock())
-                .order_by(OutboxMessage.id)
-                .limit(100)
-            )
-            return list(session.scalars(query))
-
-    def _record(self, row_id: int, error: DeliveryError | None) -> None:
+    def _claim(self, skip: frozenset[int] = frozenset()) -> list[OutboxMessage]:
         now = self.clock()
         with self.db.session() as session:
-            row = session.get(OutboxMessage, row_id)
-            assert row is not None
-            row.attempts += 1
-            if error is None:
-                row.state, row.sent_at, row.last_error = OutboxState.SENT.value, now, None
-                return
-            row.last_error = str(error)[:4000]
-            expired = now >= row.deliver_until
-            if error.temporary and not expired:
-                delay = backoff(row.attempts, base=RETRY_BASE.total_seconds(), cap=MAX_BACKOFF.total_seconds())
-                row.next_attempt_at = now + timedelta(seconds=delay)
-                return
-            row.state = OutboxState.FAILED.value
-            reason = "retry deadline passed" if error.temporary else "permanent failure"
-            log.error("ALERT: outgoing message %s to %s not delivered (%s): %s", row.id, row.rcpt_tos, reason, error)
-            session.add(
-                Event(report_id=row.report_id, kind="delivery.failed", at=now,
-                      detail={"outbox_id": row.id, "reason": reason, "error": row.last_error, "to": row.rcpt_tos})
+            due = (
+                select(OutboxMessage.id)
+                .where(OutboxMessage.state == OutboxState.PENDING.value, OutboxMessage.next_attempt_at <= now,
+                       claimable(OutboxMessage, now))
+                .order_by(OutboxMessage.id)
+                .limit(self.BATCH)
             )
+            if skip:
+                due = due.where(OutboxMessage.id.not_in(sorted(skip)))
+            got = claim(session, OutboxMessage, list(session.scalars(due)), owner=self.db.owner, now=now, lease=self.lease,
+                        where=OutboxMessage.state == OutboxState.PENDING.value)
+            if not got:
+                return []
+            return list(session.scalars(select(OutboxMessage).where(OutboxMessage.id.in_(got)).order_by(OutboxMessage.id)))
+
+    def _record(self, row_id: int, error: DeliveryError | None) -> None:
+        self._record_many([(row_id, error)])
+
+    def _record_many(self, outcomes: list[tuple[int, DeliveryError | None]]) -> None:
+        now = self.clock()
+        with self.db.session() as session:
+            rows = session.scalars(
+                select(OutboxMessage).where(OutboxMessage.id.in_([row_id for row_id, _ in outcomes])).with_for_update()
+            )
+            by_id = {row.id: row for row in rows}
+            for row_id, error in outcomes:
+                row = by_id.get(row_id)
+                if row is None:  # removed meanwhile (`mailer outbox dismiss`, retention)
+                    continue
+                if row.claimed_by not in (None, self.db.owner) or row.state != OutboxState.PENDING.value:
+                    log.warning("outgoing message %s was taken over by %s while we sent it", row.id, row.claimed_by)
+                    continue
+                self._apply(session, row, error, now)
+
+    def _apply(self, session: Session, row: OutboxMessage, error: DeliveryError | None, now: datetime) -> None:
+        row.attempts += 1
+        row.claimed_by = row.claimed_until = None
+        if error is None:
+            row.state, row.sent_at, row.last_error = OutboxState.SENT.value, now, None
+            logs.delivery(session, row, "sent", None)
+            return
+        row.last_error = str(error)[:4000]
+        expired = now >= row.deliver_until
+        if error.temporary and not expired:
+            delay = backoff(row.attempts, base=RETRY_BASE.total_seconds(), cap=MAX_BACKOFF.total_seconds())
+            row.next_attempt_at = now + timedelta(seconds=delay)
+            logs.delivery(session, row, "deferred", error)
+            return
+        row.state = OutboxState.FAILED.value
+        logs.delivery(session, row, "failed", error)
+        reason = "retry deadline passed" if error.temporary else "permanent failure"
+        log.error("ALERT: outgoing message %s to %s not delivered (%s): %s", row.id, row.rcpt_tos, reason, error)
+        session.add(
+            Event(report_id=row.report_id, kind="delivery.failed", at=now,
+                  detail={"outbox_id": row.id, "reason": reason, "error": row.last_error, "to": row.rcpt_tos})
+        )
+
+    async def _keep_claims(self) -> None:
+        """Renew the claims on the rows in hand every third of the lease while a batch is sent."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(renew_claims, self.db, OutboxMessage, list(self._held), now=self.clock(), lease=self.lease)
 
     async def drain(self) -> int:
         """Attempt every message due now once; returns how many were sent."""
         sent = 0
         seen: set[int] = set()
-        while rows := [row for row in await asyncio.to_thread(self._due) if row.id not in seen]:
-            for row in rows:
-                seen.add(row.id)
-                error: DeliveryError | None = None
+        keeper = asyncio.ensure_future(self._keep_claims())
+        self.busy = True
+        try:
+            while not self.stopping.is_set() and (rows := await asyncio.to_thread(self._claim, frozenset(seen))):
+                self._held = [row.id for row in rows]
+                outcomes: list[tuple[int, DeliveryError | None]] = []
                 try:
-                    await self.transport.send(Envelope(row.mail_from, list(row.rcpt_tos), row.raw))
-                except DeliveryError as exc:
-                    error = exc
-                await asyncio.to_thread(self._record, row.id, error)
-                sent += error is None
+                    for row in rows:
+                        if self.stopping.is_set():
+                            break
+                        seen.add(row.id)
+                        error: DeliveryError | None = None
+                        try:
+                            await self.transport.send(Envelope(row.mail_from, list(row.rcpt_tos), row.raw))
+                        except DeliveryError as exc:
+                            error = exc
+                        outcomes.append((row.id, error))
+                        sent += error is None
+                        if len(outcomes) >= self.RECORD_EVERY:
+                            await self._flush(outcomes)
+                finally:
+                    # shielded: a cancel (shutdown) still records what went out, and hands back the rest
+                    await asyncio.shield(self._settle(outcomes, [row.id for row in rows if row.id not in seen]))
+        finally:
+            self.busy = False
+            keeper.cancel()
+            self._held = []
+            await self._close_transport()
         return sent
+
+    async def _flush(self, outcomes: list[tuple[int, DeliveryError | None]]) -> None:
+        batch = list(outcomes)
+        outcomes.clear()
+        await asyncio.to_thread(self._record_many, batch)
+
+    async def _settle(self, outcomes: list[tuple[int, DeliveryError | None]], unsent: list[int]) -> None:
+        if outcomes:
+            await self._flush(outcomes)
+        if unsent:
+            await asyncio.to_thread(release_claims, self.db, OutboxMessage, unsent)
+
+    async def _close_transport(self) -> None:
+        with contextlib.suppress(Exception):  # closing is best effort: the relay may already be gone
+            await self.transport.close()
 
     async def run(self, poll_seconds: float = 5.0) -> None:
         """Deliver on wake-up (new rows) or every ``poll_seconds``; a failed pass is logged and retried."""
