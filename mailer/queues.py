@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
 from mailer.db import Database
 from mailer.errors import NotFound
 from mailer.models import Event, InboundMessage, InboundState, OutboxMessage, OutboxState
@@ -44,3 +47,10 @@ def dismiss_outgoing(db: Database, outbox_id: int, *, now: datetime, by: str) ->
         row.state = OutboxState.DISMISSED.value
         session.add(Event(report_id=row.report_id, kind="outbox.dismissed", actor=by, at=now,
                           detail={"outbox_id": row.id, "last_error": row.last_error}))
+
+
+def received_by_kind(session: Session, since: datetime) -> dict[str, int]:
+    """Received messages per classification since ``since``: what was filed, and what was not and as what."""
+    query = (select(InboundMessage.classification, func.count(InboundMessage.id))
+             .where(InboundMessage.received_at >= since).group_by(InboundMessage.classification))
+    return {str(kind or "unprocessed"): int(n) for kind, n in session.execute(query)}

@@ -188,7 +188,7 @@ def test_example_config_documents_every_key() -> None:
 async def test_health_reports_the_running_service_and_its_queues(config: Config) -> None:
     """`mailer health` is ok while the service runs and writes health.json; it names the problem otherwise."""
     code, out = await mailer(config, "health")
-    assert code == 1 and "no health file" in out
+    assert code == 2 and "no health file" in out  # down: no service
     svc = Service(config)
     await svc.start(background=True)
     try:
@@ -202,7 +202,8 @@ async def test_health_reports_the_running_service_and_its_queues(config: Config)
         assert code == 0, out
         assert isinstance(data, dict) and data["ok"] is True
         assert data["service"]["service_key"] == svc.fingerprint
-        assert data["queues"] == {"inbound_waiting": 0, "inbound_failed": 0, "outbox_pending": 0, "outbox_failed": 0}
+        assert data["queues"] == {"inbound_waiting": 0, "inbound_failed": 0, "outbox_pending": 0, "outbox_failed": 0,
+                                  "received_last_day": {}}
     finally:
         await svc.stop()
         svc.db.dispose()

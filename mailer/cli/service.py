@@ -5,18 +5,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import signal
+import sys
+import threading
+from collections.abc import Coroutine
 from datetime import UTC, date, datetime
 from typing import Any
 
-from sqlalchemy import func, select
-
-from mailer import app
+from mailer import app, health
 from mailer.cli.views import Subparsers, open_db, print_result
 from mailer.config import Config
 from mailer.db import upgrade as upgrade_database
 from mailer.errors import ConfigError
-from mailer.models import InboundMessage, InboundState, OutboxMessage
+
+log = logging.getLogger(__name__)
 
 EXIT_ERROR = 1
 
@@ -28,6 +32,8 @@ def cmd_db_upgrade(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    os.umask(0o077)  # everything the service creates is private (report text, keys, the health file)
+
     async def serve() -> None:
         service = app.Service(config)
         await service.start()
@@ -45,8 +51,40 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         await service.stop()
         service.db.dispose()
 
-    asyncio.run(serve())
+    _run_without_waiting_for_threads(serve())
     return 0
+
+
+def _run_without_waiting_for_threads(main: Coroutine[Any, Any, None]) -> None:
+    """Like ``asyncio.run``, but a worker thread still inside a gpg call does not hold the exit.
+
+    After a clean stop (within ``service.shutdown_grace_seconds``) a thread may
+    still wait for gpg (its own timeout is longer). Its transaction is not
+    committed and its claim expires, so another run processes that message
+    again: exiting without it loses nothing.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main)
+        leftovers = asyncio.all_tasks(loop)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()  # shuts the default executor down without waiting
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for thread in others:  # idle executor threads leave at once; one inside gpg does not
+        thread.join(timeout=1.0)
+    busy = [t for t in others if t.is_alive()]
+    if busy:
+        log.warning("exiting while %d worker thread(s) still wait for gpg; their messages are processed again later",
+                    len(busy))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _redacted(url: str) -> str:
@@ -65,57 +103,53 @@ def cmd_imap_import(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-HEALTH_STALE_SECONDS = 60
+def cmd_health(config: Config, args: argparse.Namespace) -> int:
+    """Liveness and readiness (mailer.health): exit 0 ok, 1 degraded, 2 down; never creates anything."""
+    report = health.check(config)
+    print_result(report, args.json, health.text(report))
+    return health.EXIT[report["status"]]
 
 
-def health_report(config: Config) -> tuple[dict[str, Any], list[str]]:
-    """The running service's own view (health.json) plus queue depths from the database, and the problems."""
-    problems: list[str] = []
-    path = config.service.data_dir / "health.json"
-    try:
-        live = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        live = None
-        problems.append(f"no health file at {path}: is `mailer serve` running with this configuration?")
-    if live is not None:
-        age = (datetime.now(UTC) - datetime.fromisoformat(live["updated_at"])).total_seconds()
-        if age > HEALTH_STALE_SECONDS:
-            problems.append(f"health file is {age:.0f} s old: the service is not running or is stuck")
-        imap = live.get("imap")
-        if imap is not None and not imap.get("connected"):
-            problems.append(f"IMAP not connected: {imap.get('last_error') or imap.get('state')}")
-        problems += [f"task {name} stopped" for name, state in live.get("tasks", {}).items() if state != "running"]
+def config_error_exit(args: argparse.Namespace, exc: Exception) -> int:
+    """A configuration error before any command ran; `health --json` still prints an object."""
+    if getattr(args, "func", None) is cmd_health:
+        if getattr(args, "json", False):
+            print(json.dumps({"status": health.DOWN, "ok": False, "live": False, "problems": [f"configuration: {exc}"],
+                              "levels": [health.DOWN], "service": None, "queues": None}))
+        return health.EXIT[health.DOWN]
+    return EXIT_ERROR
+
+
+def cmd_stats(config: Config, args: argparse.Namespace) -> int:
+    """What the metrics say, from the database (for people without Prometheus)."""
+    from mailer.metrics import database_stats
+
     db = open_db(config)
     with db.session() as session:
-        def count(model: Any, *states: str) -> int:
-            return session.scalar(select(func.count(model.id)).where(model.state.in_(states))) or 0
-
-        queues = {
-            "inbound_waiting": count(InboundMessage, InboundState.RECEIVED.value, InboundState.RETRY.value),
-            "inbound_failed": count(InboundMessage, InboundState.FAILED.value),
-            "outbox_pending": count(OutboxMessage, "pending"),
-            "outbox_failed": count(OutboxMessage, "failed"),
-        }
-    if queues["inbound_failed"]:
-        problems.append(f"{queues['inbound_failed']} message(s) failed processing: `mailer failed list`")
-    if queues["outbox_failed"]:
-        problems.append(f"{queues['outbox_failed']} outgoing message(s) undeliverable: `mailer outbox list`")
-    return {"ok": not problems, "problems": problems, "service": live, "queues": queues}, problems
+        data = database_stats(session, datetime.now(UTC))
+    print_result(data, args.json, _stats_text(data))
+    return 0
 
 
-def cmd_health(config: Config, args: argparse.Namespace) -> int:
-    data, problems = health_report(config)
-    text = "ok" if not problems else "\n".join(f"problem: {p}" for p in problems)
-    text += "\n" + "  ".join(f"{k}={v}" for k, v in data["queues"].items())
-    print_result(data, args.json, text)
-    return 0 if not problems else EXIT_ERROR
+def _stats_text(data: dict[str, Any], prefix: str = "") -> str:
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            inner = _stats_text(value, f"{prefix}{key}.")
+            lines.append(inner if inner else f"{prefix}{key}: -")
+        else:
+            lines.append(f"{prefix}{key}: {value}")
+    return "\n".join(line for line in lines if line)
 
 
 def register(sub: Subparsers) -> None:
     sub.add_parser("serve", help="run the service").set_defaults(func=cmd_serve)
-    p = sub.add_parser("health", help="is the service running and well? exit 1 with the problems if not")
+    p = sub.add_parser("health", help="is the service running and well? exit 0 ok, 1 degraded, 2 down, one line per problem")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_health)
+    p = sub.add_parser("stats", help="counts from the database: received, classified, acks, commands, queues, schedule")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="migrate the schema to this version").set_defaults(func=cmd_db_upgrade)
