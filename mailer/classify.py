@@ -18,15 +18,46 @@ class MessageKind(enum.StrEnum):
     FOLLOWUP = "followup"
     BOUNCE = "bounce"
     AUTOREPLY = "autoreply"
-    IGNORED = "ignored"  # a bounce or auto-reply matching no report
+    IGNORED = "ignored"  # a delivery-status notification matching no report (kept, with the reason)
     SENDKEY = "sendkey"  # a request for the service's public key
     COMMAND = "command"  # looks like maintainer commands: authenticated or refused, never filed
 
 
-def is_bounce(parsed: Parsed, envelope_from: str) -> bool:
+# Subjects of bounces that predate RFC 3464 (qmail, old Exim and Sendmail), trusted only from the null sender.
+_BOUNCE_SUBJECT = re.compile(
+    r"^\s*(undeliver(ed|able)|delivery (status notification|failure|has failed)|failure notice|returned mail|"
+    r"mail delivery (failed|failure|system)|non[- ]?delivery)", re.I)
+_DSN_PARTS = ("message/delivery-status", "message/global-delivery-status")
+
+
+def is_dsn_report(parsed: Parsed) -> bool:
+    """A delivery-status notification by its content: ``multipart/report; report-type=delivery-status`` (RFC 3464)."""
     ctype = parsed.header("Content-Type").lower()
-    report = "multipart/report" in ctype and "delivery-status" in ctype
-    return not envelope_from or report or bool(_DAEMON.match(parsed.from_address or ""))
+    if "multipart/report" in ctype and "delivery-status" in ctype:
+        return True
+    if parsed.message is None:
+        return False
+    return any(part.get_content_type() in _DSN_PARTS for part in parsed.message.walk())
+
+
+def is_bounce(parsed: Parsed, envelope_from: str) -> bool:
+    """Only genuine delivery-status notifications: a DSN report, or a bounce-shaped message from the null sender.
+
+    A ``noreply@`` sender or the null sender alone does not make a bounce: such
+    mail is filed (as automated, never answered) so that nothing is dropped.
+    """
+    if is_dsn_report(parsed):
+        return True
+    if envelope_from:
+        return False
+    daemon = bool(_DAEMON.match(parsed.from_address or ""))
+    return bool(_BOUNCE_SUBJECT.match(parsed.subject)) or (daemon and _quotes_a_message(parsed))
+
+
+def _quotes_a_message(parsed: Parsed) -> bool:
+    if parsed.message is None:
+        return False
+    return any(part.get_content_type() in ("message/rfc822", "text/rfc822-headers") for part in parsed.message.walk())
 
 
 def is_auto_reply(parsed: Parsed) -> bool:

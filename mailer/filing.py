@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from mailer import tracking
+from sqlalchemy import select
+
+from mailer import classify, tracking
 from mailer.classify import MessageKind
 from mailer.models import Attachment, Report, ReportKey, ReportMessage, ReportState
-from mailer.parsing import FIELDS, extract_fields
+from mailer.parsing import FIELDS, extract_fields, merge_fields
 from mailer.processing import Processing, openpgp_summary
 
 
@@ -58,10 +60,17 @@ def file_report(ctx: Processing) -> None:
     flags: dict[str, object] = {"unparseable": m.error} if m.error else {}
     if ctx.encrypted_input:
         flags["encrypted"] = True
+    automated = classify.no_reply_reason(m, ctx.envelope_from, ctx.config.service.contact)
+    if automated is not None:
+        flags["automated"] = automated
+    if ctx.envelope_unknown:
+        flags["envelope_sender"] = "unknown (no Return-Path); the From address stands in"
     if pgp is not None and pgp.partly_encrypted:
         flags["partly_encrypted"] = True
     if pgp is not None and pgp.errors:
         flags["openpgp_error"] = pgp.reason
+    if pgp is not None and pgp.forwarded_from:
+        flags["forwarded"] = {"by": ctx.envelope_from or m.from_address, "from": list(pgp.forwarded_from)}
     ctx.report = report = Report(
         tracking_id=tracking.allocate(ctx.session, ctx.config.service.tracking_prefix, ctx.now),
         state=ReportState.NEW.value,
@@ -87,12 +96,28 @@ def thread(ctx: Processing) -> None:
     _add_report_message(ctx, ctx.kind.value)
     ctx.report.updated_at = ctx.now
     ctx.event(f"message.{ctx.kind.value}", message_id=ctx.m.message_id)
+    if ctx.kind is MessageKind.FOLLOWUP:
+        _reevaluate_fields(ctx, ctx.report)
     _finish(ctx)
 
 
+def _reevaluate_fields(ctx: Processing, report: Report) -> None:
+    """The policy's fields over the whole conversation: a follow-up can supply what the report lacked."""
+    ctx.session.flush()
+    query = (select(ReportMessage).where(ReportMessage.report_id == report.id, ReportMessage.direction == "in",
+                                         ReportMessage.kind.in_(("report", "followup")))
+             .order_by(ReportMessage.id))
+    texts = [m.body_text for m in ctx.session.scalars(query) if not (m.meta or {}).get("unparseable")]
+    fields, missing = merge_fields(texts)
+    if fields != report.fields or missing != report.missing_fields:
+        supplied = [name for name in report.missing_fields if name not in missing]
+        report.fields, report.missing_fields = fields, missing
+        ctx.event("report.fields", supplied=supplied, missing=missing)
+
+
 def ignore(ctx: Processing) -> None:
-    """A bounce or auto-reply that matches no report: kept with the reason, nothing else happens."""
-    ctx.event("message.ignored", reason="bounce or auto-reply matching no report", message_id=ctx.m.message_id)
+    """A delivery-status notification that matches no report: kept with the reason, nothing else happens."""
+    ctx.event("message.ignored", reason="delivery-status notification matching no report", message_id=ctx.m.message_id)
 
 
 def bind_keys(ctx: Processing) -> None:

@@ -39,6 +39,8 @@ class Outgoing:
     encrypt_to: tuple[str, ...] = ()
     key_blob: bytes | None = None
     attach_key: bool = False
+    # (filename, content type, data): attached only when the mail is encrypted (report attachments to maintainers)
+    attachments: tuple[tuple[str, str, bytes], ...] = ()
 
     @property
     def encrypted(self) -> bool:

@@ -34,6 +34,11 @@ _HEADING = re.compile(r"^\s*(?:#{1,6}\s*|\*\*)?(?P<name>[A-Za-z][A-Za-z ()/]{1,4
 _KEYLINE = re.compile(r"^\s*(?P<name>[A-Za-z][A-Za-z ()/]{1,40}?)\s*:\s+(?P<value>\S.*)$")
 
 
+#: ``mail_from`` of a message whose envelope sender is unknown (an IMAP message without ``Return-Path``):
+#: not the null sender; the From address stands in for it.
+UNKNOWN_ENVELOPE = "(unknown)"
+
+
 class Unparseable(Exception):
     """The message is beyond our parsing bounds or malformed; the raw bytes are still kept."""
 
@@ -229,5 +234,35 @@ def extract_fields(text: str) -> tuple[dict[str, str], list[str]]:
         found.setdefault(current, []).append(line)
     fields = {name: "\n".join(lines).strip() for name, lines in found.items()}
     fields = {name: value for name, value in fields.items() if value}
+    if "versions" not in fields and (versions := versions_in_prose(text)):
+        fields["versions"] = ", ".join(versions)
     missing = [name for name in FIELDS if name not in fields]
     return fields, missing
+
+
+# "I use version 2.1", "affected release: 3", "v1.2", "0.13.0" (not an IP address, not "line 42")
+_VERSION_NEAR_WORD = re.compile(r"\b(?:versions?|releases?|ver\.)\s*(?:is|was|:|=)?\s*(v?\d{1,4}(?:\.\d{1,4}){0,3}[a-z0-9.+-]*)",
+                                re.I)
+_VERSION_TOKEN = re.compile(r"(?<![\w.])(v\d{1,4}(?:\.\d{1,4}){1,3}|\d{1,4}\.\d{1,4}\.\d{1,4})(?!\.?\d)")
+
+
+def versions_in_prose(text: str) -> list[str]:
+    """Version-like tokens in free text: a number after "version"/"release", ``v1.2``, ``0.13.0``."""
+    found: list[str] = []
+    for match in (*_VERSION_NEAR_WORD.finditer(text), *_VERSION_TOKEN.finditer(text)):
+        value = match.group(1).rstrip(".,;:)")
+        if value and value not in found:
+            found.append(value)
+    return found[:10]
+
+
+def merge_fields(texts: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The policy's fields over a whole conversation: each message's fields, joined in order."""
+    merged: dict[str, list[str]] = {}
+    for text in texts:
+        fields, _ = extract_fields(text)
+        for name, value in fields.items():
+            if value not in merged.setdefault(name, []):
+                merged[name].append(value)
+    result = {name: "\n\n".join(values) for name, values in merged.items() if values}
+    return result, [name for name in FIELDS if name not in result]

@@ -21,12 +21,9 @@ Building PGP/MIME messages is :mod:`outbound.pgpmime`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import email.errors
 import re
-from dataclasses import dataclass, field
-from email.message import Message
+from dataclasses import dataclass, field, replace
 
 from mailer.config import ParsingConfig
 from mailer.mimetree import (
@@ -41,6 +38,21 @@ from mailer.mimetree import (
 from mailer.openpgp import OpenPGP, SignatureResult
 
 __all__ = ["MAX_DECRYPTIONS", "PROTECTED_HEADER_NAMES", "Attachment", "TextPart", "Unwrapped", "unwrap"]
+
+from mailer.pgpshapes import (
+    _ENCRYPTED_CONTENT,
+    _is_text,
+    _leaves,
+    autocrypt_keys,
+    choose_alternative,
+    clean_armor,
+    cleartext_body,
+    exchange_mangled_payload,
+    html_to_text,
+    looks_encrypted,
+    pgpmime_encrypted_problem,
+    pgpmime_signed_problem,
+)
 
 MAX_DECRYPTIONS = 4
 PROTECTED_HEADER_NAMES = ("Subject", "From", "To", "Cc", "Reply-To", "Date", "Message-ID",
@@ -98,6 +110,10 @@ class Unwrapped:
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     raw: bytes = field(default=b"", repr=False)  # the input with CRLF line endings
+    # encrypted content was found (decrypted or not): the sender wrote encrypted
+    encrypted_seen: bool = False
+    # From addresses of forwarded messages (message/rfc822) whose encrypted content was decrypted
+    forwarded_from: list[str] = field(default_factory=list)
 
     @property
     def reason(self) -> str:
@@ -125,6 +141,8 @@ class _Ctx:
     encrypted: bool = False
     sig: SignatureResult | None = None
     top_of_decrypted: bool = False
+    # the first child of a multipart/mixed at the top of a decrypted payload: where a legacy display part sits
+    legacy_display_slot: bool = False
 
     @property
     def signer_fpr(self) -> str | None:
@@ -167,24 +185,93 @@ class _Walker:
 
     def walk(self, ent: Entity, ctx: _Ctx) -> None:
         ctype = ent.ctype
+        inline = ent.headers.get_content_disposition() != "attachment"
         if ctype == "multipart/encrypted":
             self.encrypted(ent, ctx)
         elif ctype == "multipart/signed":
             self.signed(ent, ctx)
-        elif ctype == "multipart/mixed" and is_exchange_mangled(ent):
+        elif ctype == "multipart/mixed" and (payload := exchange_mangled_payload(ent)) is not None:
             self.out.notes.append("repaired Exchange-mangled PGP/MIME")
-            self.decrypt_payload(ent.children[2], ctx)
+            self.decrypt_payload(payload, ctx)
         elif ctype == "multipart/alternative" and ent.children:
-            self.walk(choose_alternative(ent.children), ctx.inherit())
+            self.alternative(ent, ctx)
         elif ctype.startswith("multipart/"):
-            for child in ent.children:
-                self.walk(child, ctx.inherit())
-        elif ctype == "text/plain" and ent.headers.get_content_disposition() != "attachment":
+            for index, child in enumerate(ent.children):
+                slot = index == 0 and ctype == "multipart/mixed" and ctx.top_of_decrypted
+                self.walk(child, replace(ctx.inherit(), legacy_display_slot=slot))
+        elif ctype == "message/rfc822" and _ENCRYPTED_CONTENT.search(ent.payload()):
+            self.forwarded(ent, ctx)
+        elif ctype == "text/plain" and inline:
             self.text(ent, ctx)
+        elif ctype == "text/html" and inline and (ctx.encrypted or "-----BEGIN PGP " in html_to_text(ent.text())):
+            self.html(ent, ctx)
         elif ctype == "application/pgp-keys":
             self.out.keys_found.append(ent.payload())
+        elif looks_encrypted(ent.payload()):
+            self.encrypted_file(ent, ctx)
         else:
             self.add_attachment(ent, ctx)
+
+    def alternative(self, ent: Entity, ctx: _Ctx) -> None:
+        """The preferred alternative; when it yields no text (a skipped or empty part), the next ones in turn."""
+        chosen = choose_alternative(ent.children)
+        if not ctx.encrypted:
+            self.walk(chosen, ctx.inherit())
+            return
+        order = [chosen, *sorted((c for c in ent.children if c is not chosen), key=lambda c: c.ctype != "text/html")]
+        for child in order:
+            before = len(self.out.text_parts), len(self.out.attachments)
+            self.walk(child, ctx.inherit())
+            if any(p.text.strip() for p in self.out.text_parts[before[0]:]) or len(self.out.attachments) > before[1]:
+                return
+            if child is chosen:
+                self.out.notes.append(f"alternative {child.ctype} gave no text; trying the others")
+
+    def html(self, ent: Entity, ctx: _Ctx) -> None:
+        """HTML as text: armor in it (entities decoded, NBSP as spaces) is decrypted like inline PGP."""
+        text = html_to_text(ent.text())
+        if "-----BEGIN PGP " in text and _ARMOR_RE.search(text):
+            self.inline(text, ctx)
+        elif "-----BEGIN PGP MESSAGE-----" in text:
+            self.out.encrypted_seen = True
+            self.out.errors.append("inline decryption failed: the PGP armor in the HTML part is incomplete")
+        else:
+            self.add_text(text, ctx, "text/html")
+
+    def encrypted_file(self, ent: Entity, ctx: _Ctx) -> None:
+        """An attached OpenPGP message (``gpg -ea`` → ``message.txt.asc``, or binary ``.gpg``): kept decrypted."""
+        self.count_decryption()
+        self.out.encrypted_seen = True
+        name = ent.filename()
+        result = self.gpg.decrypt(ent.payload())
+        if not result.ok or result.data is None:
+            self.out.errors.append(f"decryption of attachment {name or '(unnamed)'} failed: {result.reason}")
+            self.add_attachment(ent, ctx)
+            return
+        sig = result.signature if result.signature.count else ctx.sig
+        inner = _Ctx(True, sig)
+        data = result.data
+        plain_name = re.sub(r"\.(asc|gpg|pgp)$", "", name, flags=re.I) if name else None
+        textual = _is_text(data) and (plain_name is None or "." not in plain_name or plain_name.lower().endswith(".txt"))
+        if textual:
+            self.add_text(data.decode("utf-8"), inner)
+        ctype = "text/plain" if textual else "application/octet-stream"
+        self.out.attachments.append(Attachment(plain_name, ctype, data, encrypted=True, signed=sig is not None,
+                                               signer_fpr=inner.signer_fpr, signature_valid=inner.valid))
+        self.out.notes.append(f"decrypted attachment {name or '(unnamed)'}")
+
+    def forwarded(self, ent: Entity, ctx: _Ctx) -> None:
+        """A forwarded message (message/rfc822) holding encrypted content: decrypted, recorded as forwarded."""
+        inner = self.parser.parse(normalise_crlf(ent.payload()), ent.depth + 1)
+        before = len(self.out.text_parts), len(self.out.attachments)
+        self.walk(inner, ctx.inherit())
+        decrypted = any(p.encrypted for p in self.out.text_parts[before[0]:]) or any(
+            a.encrypted for a in self.out.attachments[before[1]:])
+        if decrypted:
+            author = decode_header_value(str(inner.headers.get("From", "") or ""))
+            self.out.forwarded_from.append(author[:254])
+            self.out.notes.append(f"decrypted a forwarded message from {author[:254]}")
+        self.add_attachment(ent, ctx)  # the forwarded message as it came, for the record
 
     def encrypted(self, ent: Entity, ctx: _Ctx) -> None:
         problem = pgpmime_encrypted_problem(ent)
@@ -202,6 +289,7 @@ class _Walker:
 
     def decrypt_payload(self, part: Entity, ctx: _Ctx) -> None:
         self.count_decryption()
+        self.out.encrypted_seen = True
         result = self.gpg.decrypt(part.payload())
         if not result.ok or result.data is None:
             self.out.errors.append(f"decryption failed: {result.reason}")
@@ -214,13 +302,31 @@ class _Walker:
             self.add_text(inner.decode("utf-8", errors="replace"), _Ctx(True, sig))
             return
         entity = self.parser.parse(inner, part.depth + 1)
-        self.collect_protected_headers(entity)
+        if part.depth <= 1:  # the message's own encryption, not one wrapped by a list or forwarded
+            self.collect_protected_headers(entity)
+        before = len(self.out.text_parts)
         self.walk(entity, _Ctx(True, sig, top_of_decrypted=True))
+        if not any(p.encrypted and p.text.strip() for p in self.out.text_parts[before:]):
+            self.fallback_text(entity, _Ctx(True, sig))
+
+    def fallback_text(self, entity: Entity, ctx: _Ctx) -> None:
+        """A decryption that succeeded yields text: any text part, else the HTML converted to text."""
+        leaves = [e for e in _leaves(entity) if e.ctype in ("text/plain", "text/html")
+                  and e.headers.get_content_disposition() != "attachment"]
+        for leaf in sorted(leaves, key=lambda e: e.ctype != "text/plain"):
+            text = leaf.text() if leaf.ctype == "text/plain" else html_to_text(leaf.text())
+            if text.strip():
+                self.out.notes.append(f"decrypted payload: text taken from {leaf.ctype}")
+                self.add_text(text, ctx, leaf.ctype)
+                return
 
     def collect_protected_headers(self, entity: Entity) -> None:
+        """Protected headers (draft-autocrypt-lamps) only from the top part of the payload marked ``protected-headers="v1"``."""
         source = entity
         if entity.ctype == "multipart/signed" and entity.children:
             source = entity.children[0]
+        if (source.param("protected-headers") or "").lower() != "v1":
+            return
         for name in PROTECTED_HEADER_NAMES:
             value = source.headers.get(name)
             if value is not None and name not in self.out.protected_headers:
@@ -241,10 +347,10 @@ class _Walker:
         self.walk(first, _Ctx(ctx.encrypted, result, ctx.top_of_decrypted))
 
     def text(self, ent: Entity, ctx: _Ctx) -> None:
-        if ent.param("protected-headers") and ctx.encrypted and not ctx.top_of_decrypted:
+        if ent.param("protected-headers") and ctx.encrypted and ctx.legacy_display_slot:
             self.out.notes.append("skipped protected-headers legacy display part")
             return
-        text = ent.text()
+        text = ent.text().replace("\xa0", " ")
         if "-----BEGIN PGP " in text and _ARMOR_RE.search(text):
             self.inline(text, ctx)
         else:
@@ -268,7 +374,8 @@ class _Walker:
 
     def inline_encrypted(self, block: str, ctx: _Ctx) -> None:
         self.count_decryption()
-        result = self.gpg.decrypt(block.encode("utf-8", errors="replace"))
+        self.out.encrypted_seen = True
+        result = self.gpg.decrypt(clean_armor(block).encode("utf-8", errors="replace"))
         if not result.ok or result.data is None:
             self.out.errors.append(f"inline decryption failed: {result.reason}")
             return
@@ -283,89 +390,6 @@ class _Walker:
         self.out.errors.append(f"inline signature not valid: {result.reason}")
         sig = result.signature if result.signature.count else SignatureResult(False, result.reason, count=1)
         self.add_text(cleartext_body(block), _Ctx(ctx.encrypted, sig))
-
-
-def choose_alternative(children: list[Entity]) -> Entity:
-    """Prefer text/plain (or an encrypted/signed structure), else the last alternative."""
-    for child in children:
-        if child.ctype in ("text/plain", "multipart/encrypted", "multipart/signed"):
-            return child
-    return children[-1]
-
-
-def cleartext_body(block: str) -> str:
-    """The text of a cleartext-signed block (dash-escaping undone), without verification."""
-    lines = block.replace("\r\n", "\n").split("\n")
-    try:
-        start = lines.index("") + 1
-    except ValueError:
-        return block
-    body: list[str] = []
-    for line in lines[start:]:
-        if line.startswith("-----BEGIN PGP SIGNATURE-----"):
-            break
-        body.append(line[2:] if line.startswith("- ") else line)
-    return "\n".join(body)
-
-
-def pgpmime_encrypted_problem(ent: Entity) -> str | None:
-    """Why *ent* is not a well-formed RFC 3156 multipart/encrypted, or ``None``."""
-    protocol = (ent.param("protocol") or "").lower()
-    if protocol != "application/pgp-encrypted":
-        return f"wrong protocol {protocol!r}"
-    if len(ent.children) != 2:
-        return f"expected 2 parts, found {len(ent.children)}"
-    control, payload = ent.children
-    if control.ctype != "application/pgp-encrypted":
-        return f"first part is {control.ctype}"
-    if not re.search(rb"(?m)^Version:\s*1\s*$", control.payload()):
-        return "first part lacks 'Version: 1'"
-    if payload.ctype != "application/octet-stream":
-        return f"second part is {payload.ctype}"
-    return None
-
-
-def pgpmime_signed_problem(ent: Entity) -> str | None:
-    """Why *ent* is not a well-formed RFC 3156 multipart/signed, or ``None``."""
-    protocol = (ent.param("protocol") or "").lower()
-    if protocol != "application/pgp-signature":
-        return f"wrong protocol {protocol!r}"
-    if len(ent.children) != 2:
-        return f"expected 2 parts, found {len(ent.children)}"
-    if ent.children[1].ctype != "application/pgp-signature":
-        return f"second part is {ent.children[1].ctype}"
-    return None
-
-
-def is_exchange_mangled(ent: Entity) -> bool:
-    """Exchange's rewrite of multipart/encrypted: empty text, version part, encrypted.asc."""
-    if len(ent.children) != 3:
-        return False
-    text, control, payload = ent.children
-    return (text.ctype == "text/plain" and not text.payload().strip()
-            and control.ctype == "application/pgp-encrypted"
-            and re.search(rb"(?m)^Version:\s*1\s*$", control.payload()) is not None
-            and payload.ctype == "application/octet-stream"
-            and b"-----BEGIN PGP MESSAGE-----" in payload.payload())
-
-
-def autocrypt_keys(headers: Message) -> tuple[list[bytes], list[str]]:
-    """``keydata`` of the Autocrypt headers, and problems found."""
-    keys: list[bytes] = []
-    problems: list[str] = []
-    for value in headers.get_all("Autocrypt") or []:
-        attrs = {}
-        for item in re.sub(r"\s+", "", str(value)).split(";"):
-            name, _, val = item.partition("=")
-            attrs[name.lower()] = val
-        if "keydata" not in attrs:
-            problems.append("Autocrypt header without keydata")
-            continue
-        try:
-            keys.append(base64.b64decode(attrs["keydata"], validate=True))
-        except (binascii.Error, ValueError):
-            problems.append("Autocrypt keydata is not base64")
-    return keys, problems
 
 
 def _finish_flags(out: Unwrapped) -> None:

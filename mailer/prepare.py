@@ -18,8 +18,9 @@ from mailer.authn import maintainer_by_address, maintainer_by_fingerprint
 from mailer.classify import MessageKind
 from mailer.config import Maintainer
 from mailer.models import Report, ReportMessage
-from mailer.parsing import envelope_address, parse_message
+from mailer.parsing import UNKNOWN_ENVELOPE, envelope_address, parse_message
 from mailer.pgpmime import unwrap
+from mailer.pgpshapes import looks_encrypted
 from mailer.processing import Processing, embedded_msgids
 
 # One scan of the raw bytes: is there OpenPGP to look at, and did the sender write encrypted?
@@ -28,18 +29,26 @@ _ENCRYPTED_MARKERS = (b"-----begin pgp message", b"multipart/encrypted")
 
 
 def parse(ctx: Processing) -> None:
-    ctx.envelope_from = envelope_address(ctx.inbound.mail_from)
     ctx.message = parse_message(ctx.inbound.raw, ctx.config.parsing)
+    if ctx.inbound.mail_from == UNKNOWN_ENVELOPE:
+        # no Return-Path (an IMAP append): the sender is unknown, not null; the From address stands in
+        ctx.envelope_unknown = True
+        ctx.envelope_from = ctx.message.from_address
+    else:
+        ctx.envelope_from = envelope_address(ctx.inbound.mail_from)
 
 
 def unwrap_openpgp(ctx: Processing) -> None:
     """Decrypt and verify over the raw bytes as received, into the separate ``protected`` view."""
     raw = ctx.inbound.raw
     markers = {m.lower() for m in _OPENPGP.findall(raw)}
-    if not markers:
+    # OpenPGP the raw bytes do not show: in a base64 or quoted-printable part, an attached .asc or .gpg, HTML
+    hidden = "-----BEGIN PGP " in ctx.m.body_text or any(
+        looks_encrypted(a.data) or b"-----BEGIN PGP MESSAGE-----" in a.data[:1_000_000] for a in ctx.m.attachments)
+    if not markers and not hidden:
         return
     ctx.protected = pgp = unwrap(raw, ctx.gpg, limits=ctx.config.parsing)
-    ctx.encrypted_input = pgp.encrypted or any(m in markers for m in _ENCRYPTED_MARKERS)
+    ctx.encrypted_input = pgp.encrypted or pgp.encrypted_seen or any(m in markers for m in _ENCRYPTED_MARKERS)
 
 
 def _report_by_references(ctx: Processing, msgids: Sequence[str]) -> Report | None:
@@ -88,8 +97,9 @@ def _kind(ctx: Processing) -> MessageKind:
     # Commands look like commands and claim a maintainer; they are authenticated on their route.
     if commands.looks_like_commands(ctx.text) and claimed_maintainer(ctx) is not None:
         return MessageKind.COMMAND
-    if rules.is_auto_reply(m):
-        return MessageKind.AUTOREPLY if ctx.report is not None else MessageKind.IGNORED
+    if rules.is_auto_reply(m) and ctx.report is not None:
+        return MessageKind.AUTOREPLY
+    # anything else is filed: automated mail (noreply@, the null sender, unmatched auto-replies) unanswered
     return MessageKind.FOLLOWUP if ctx.report is not None else MessageKind.NEW
 
 

@@ -44,6 +44,7 @@ class Processing:
     inbound: InboundMessage
     now: datetime
     envelope_from: str = ""
+    envelope_unknown: bool = False  # no envelope sender was recorded (not the null sender)
     message: Parsed | None = None
     protected: Unwrapped | None = None
     # the sender wrote encrypted, whether or not we could decrypt it
@@ -127,6 +128,10 @@ def openpgp_summary(pgp: Unwrapped | None) -> dict[str, object]:
         ],
         # plaintext that came beside the encrypted part: kept apart, never merged
         "outside_text": [part.text for part in pgp.text_parts if pgp.encrypted and not part.encrypted],
+        # encrypted content seen but not decrypted: the sender wrote encrypted (never "not encrypted")
+        "encrypted_seen": pgp.encrypted_seen,
+        # authors of forwarded (message/rfc822) encrypted messages: the forwarder is not the author
+        "forwarded_from": list(pgp.forwarded_from),
     }
 
 

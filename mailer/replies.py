@@ -15,6 +15,7 @@ from mailer.classify import MessageKind
 from mailer.models import OutboxMessage, ReportMessage, ReportState
 from mailer.outgoing import MailKind, Outgoing
 from mailer.parsing import FIELDS
+from mailer.pgpshapes import looks_encrypted
 from mailer.processing import Processing, openpgp_summary
 from mailer.text import valid_address
 
@@ -99,19 +100,38 @@ def _report_thread(ctx: Processing) -> str | None:
     return ctx.session.scalar(query)
 
 
+def notice_attachments(ctx: Processing) -> tuple[list[dict[str, object]], tuple[tuple[str, str, bytes], ...]]:
+    """The message's attachments for the notice: listed all, attached (encrypted) up to the configured total."""
+    budget = ctx.config.parsing.notice_attachment_bytes
+    listed: list[dict[str, object]] = []
+    attached: list[tuple[str, str, bytes]] = []
+    stored = ctx.report_message.attachments if ctx.report_message is not None else []
+    for item in stored:
+        # ciphertext we could not decrypt is no use to a maintainer (and their client would try to decrypt it)
+        fits = (item.data is not None and not item.truncated and len(item.data) <= budget
+                and not looks_encrypted(item.data))
+        if fits and item.data is not None:
+            budget -= len(item.data)
+            attached.append((item.filename or "attachment", item.content_type, item.data))
+        listed.append({"filename": item.filename, "content_type": item.content_type, "size": item.size,
+                       "attached": fits, "stored": not item.truncated})
+    return listed, tuple(attached)
+
+
 def notify_maintainers(ctx: Processing) -> None:
     """Report content reaches maintainers only encrypted to their pinned key (fail closed)."""
     report = ctx.report
     assert report is not None
     label = "New report" if ctx.kind is MessageKind.NEW else "Follow-up"
     thread = _report_thread(ctx)
+    listed, attached = notice_attachments(ctx)
     notice = Outgoing(
         kind=MailKind.NOTICE, to="", subject=f"[{report.tracking_id}] {label}", template="notice.txt.j2",
         context={
             "report": report, "message": ctx.report_message, "label": label,
-            "openpgp": openpgp_summary(ctx.protected), "attachments": ctx.attachments,
+            "openpgp": openpgp_summary(ctx.protected), "attachments": listed,
         },
-        report_id=report.id, in_reply_to=thread, references=(thread,) if thread else (),
+        report_id=report.id, in_reply_to=thread, references=(thread,) if thread else (), attachments=attached,
     )
     for outbox in ctx.mail.to_maintainers(report, notice):
         ctx.record_outgoing(outbox, "notice")

@@ -446,13 +446,30 @@ def test_decrypt_rule_integrity_is_goodmdc_okay_and_exit_0(drop: str | None, ret
     assert decrypt_failure(GpgRun(status, returncode)) == reason
 
 
+# What GnuPG 2.2.40 printed for a message without MDC (``--rfc2440``): the plaintext, then a forced failure.
+NO_MDC_RUN = GpgRun((("ENC_TO", "09E7026F20848B16 18 0"), ("BEGIN_DECRYPTION", ""), ("DECRYPTION_INFO", "0 9 0"),
+                     ("PLAINTEXT", "62 0 "), ("DECRYPTION_FAILED", ""), ("END_DECRYPTION", "")), 2,
+                    stderr="gpg: WARNING: message was not integrity protected\ngpg: decryption forced to fail!\n")
+# ... and for an AEAD (OCB) message, which is integrity protected although DECRYPTION_INFO's mdc field is 0.
+AEAD = tuple(("DECRYPTION_INFO", "0 9 0") if k == "DECRYPTION_INFO" else (k, v) for k, v in DECRYPTED)
+
+
 def test_decrypt_rule_refuses_no_mdc_and_tampering() -> None:
-    """No MDC (DECRYPTION_INFO 0) and BADMDC are refused even when gpg says DECRYPTION_OKAY and exits 0."""
-    no_mdc = tuple(("DECRYPTION_INFO", "0 9 0") if k == "DECRYPTION_INFO" else (k, v) for k, v in DECRYPTED)
-    assert decrypt_failure(GpgRun(no_mdc, 0)) == Reason.NO_MDC
+    """No MDC and BADMDC are refused, even when gpg says DECRYPTION_OKAY and exits 0."""
+    assert decrypt_failure(NO_MDC_RUN) == Reason.NO_MDC
+    warned = GpgRun(AEAD, 0, stderr="gpg: WARNING: message was not integrity protected\n")
+    assert decrypt_failure(warned) == Reason.NO_MDC
+    assert decrypt_failure(GpgRun(tuple(line for line in AEAD if line[0] != "GOODMDC"), 0)) == Reason.NO_MDC
     assert decrypt_failure(GpgRun((*DECRYPTED, ("BADMDC", "")), 0)) == Reason.BAD_MDC
     assert decrypt_failure(GpgRun(DECRYPTED, 0, output_truncated=True)) == Reason.TOO_LARGE
     assert decrypt_failure(GpgRun(DECRYPTED, 0, timed_out=True)) == Reason.TIMEOUT
+
+
+def test_decrypt_rule_accepts_aead_by_goodmdc_okay_and_exit_0() -> None:
+    """Issue 11 item 10: AEAD (DECRYPTION_INFO 0 9 0, then DECRYPTION_OKAY, GOODMDC, exit 0) is a decryption;
+    a tampered AEAD chunk makes gpg exit 2 (after OKAY and GOODMDC): refused."""
+    assert decrypt_failure(GpgRun(AEAD, 0)) is None
+    assert decrypt_failure(GpgRun((*AEAD, ("NODATA", "3")), 2)) == Reason.FAILED
 
 
 def test_signature_rule_needs_one_validsig_and_exit_0() -> None:

@@ -258,6 +258,15 @@ class Keyring:
             raise KeyImportError("no secret key imported")
         return sorted({str(f) for f in result.fingerprints})
 
+    def export_minimal(self, fpr: str) -> bytes:
+        """The binary public key *fpr*, minimal (no third-party signatures): for WKD and Autocrypt."""
+        clean = normalise_fpr(fpr)
+        out = self._gpg.export_keys(clean, armor=False, minimal=True)
+        data = out if isinstance(out, bytes) else str(out).encode("latin-1")
+        if not data:
+            raise CryptoError(f"no such key: {clean}")
+        return data
+
     def export_public(self, fpr: str) -> str:
         """The armored public key *fpr* (minimal: no third-party signatures)."""
         clean = normalise_fpr(fpr)

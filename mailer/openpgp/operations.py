@@ -113,6 +113,15 @@ class OpenPGP(Keyring):
             raise CryptoError(f"signing failed: {failure_text(run)}")
         return DetachedSignature(signature=run.data, micalg=micalg)
 
+    def sign_clear(self, text: bytes) -> bytes:
+        """A cleartext signature (RFC 4880 §7) by the service key over ``text`` (security.txt, RFC 9116)."""
+        signer = self.service_fingerprint()
+        run = self._gpg.run(["--clearsign", "--default-key", signer, "--digest-algo", "SHA256", *self._pin_args()],
+                            text, passphrase=self._wire_passphrase())
+        if signature_micalg(run) is None:
+            raise CryptoError(f"signing failed: {failure_text(run)}")
+        return run.data
+
     def encrypt_to_key_blob(self, data: bytes, key_blob: bytes | str, *, armor: bool = True,
                             also_to: Iterable[str] = ()) -> tuple[bytes, str]:
         """Encrypt to a one-off public key (e.g. found in a reporter's mail).

@@ -23,12 +23,14 @@ import os
 import re
 import subprocess
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import gnupg
 
+from mailer.metrics import GPG
 from mailer.openpgp.errors import GnuPGVersionError
 
 __all__ = [
@@ -188,7 +190,9 @@ class BoundedGPG(gnupg.GPG):  # type: ignore[misc]  # python-gnupg is untyped
         if passphrase and not self.is_valid_passphrase(passphrase):
             raise ValueError("Invalid passphrase")  # as python-gnupg: a line break would inject input
         result = _StatusCollector(self)
+        started = time.monotonic()
         self._handle_io(list(args), io.BytesIO(data), result, passphrase=passphrase, binary=True)
+        GPG.labels(_operation(args)).observe(time.monotonic() - started)
         return result.record()
 
     # ------------------------------------------------------------------ python-gnupg hooks
@@ -241,6 +245,15 @@ class BoundedGPG(gnupg.GPG):  # type: ignore[misc]  # python-gnupg is untyped
             if isinstance(result, _StatusCollector):
                 result.input_broken = True
             return result
+
+
+def _operation(args: Sequence[str]) -> str:
+    """The metrics label of a gpg run: its command option."""
+    for arg in args:
+        if arg in ("--decrypt", "--encrypt", "--sign", "--detach-sign", "--clear-sign", "--verify", "--import",
+                   "--export", "--list-keys", "--gen-key", "--quick-gen-key", "--quick-add-key"):
+            return arg.removeprefix("--")
+    return "other"
 
 
 def _kill(process: subprocess.Popen[bytes] | None) -> None:
