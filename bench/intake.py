@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import sys
 import tempfile
@@ -235,7 +236,9 @@ class TimedCapture(CaptureHandler):
         raw = envelope.original_content or b""
         head = raw.split(b"\r\n\r\n", 1)[0]
         match = _IN_REPLY_TO.search(head)
-        if reply.startswith("250") and match:
+        # acks only: maintainer notices carry the report's Message-ID in In-Reply-To too
+        to_maintainer = {str(a).lower() for a in envelope.rcpt_tos} & {m["address"] for m in MAINTAINERS}
+        if reply.startswith("250") and match and not to_maintainer:
             message_id = match.group(1).decode("ascii", "replace")
             self.ack_at.setdefault(message_id, now)
             if self.expected and self.expected.issubset(self.ack_at.keys()):
@@ -280,7 +283,10 @@ class ServiceResult:
 
 
 async def measure_service(reports: list[Report], warmup: list[Report], db_url: str, workdir: Path,
-                          args: argparse.Namespace) -> ServiceResult:
+                          args: argparse.Namespace, *, home: str | None = None,
+                          maintainers: list[dict[str, str]] | None = None,
+                          load_fn: Callable[[int, Sequence[Report]], Awaitable[LoadResult]] | None = None) -> ServiceResult:
+    """Start the service, send ``warmup`` (acks awaited), then ``reports`` (``load_fn``, else :func:`run_load`)."""
     await asyncio.to_thread(upgrade, db_url)
     relay = CaptureRelay()
     capture = TimedCapture()
@@ -290,6 +296,7 @@ async def measure_service(reports: list[Report], warmup: list[Report], db_url: s
         "service": {
             "data_dir": str(workdir / "var"),
             "contact": CONTACT,
+            "contact_name": "Example Security Contact",
             "project": "Example",
             # every sender is unique anyway; this keeps a reused database from suppressing acks
             "acks_per_sender_per_day": max(5, len(reports) + len(warmup)),
@@ -297,7 +304,8 @@ async def measure_service(reports: list[Report], warmup: list[Report], db_url: s
         "smtp": {"listen": "127.0.0.1:0"},
         "database": {"url": db_url},
         "relay": {"url": relay.url, "timeout_seconds": args.timeout},
-        "maintainers": MAINTAINERS[: args.maintainers],
+        "maintainers": MAINTAINERS[: args.maintainers] if maintainers is None else maintainers,
+        **({"gnupg": {"home": home, "timeout_seconds": max(30.0, args.timeout)}} if home else {}),
     })
     service = Service(config)
     try:
@@ -306,7 +314,10 @@ async def measure_service(reports: list[Report], warmup: list[Report], db_url: s
         if warmup:
             await run_load(port, warmup, args.concurrency, args.timeout)
             await wait_acks(capture, {r.message_id for r in warmup}, args.deadline, "warm-up")
-        load = await run_load(port, reports, args.concurrency, args.timeout)
+        if load_fn is None:
+            load = await run_load(port, reports, args.concurrency, args.timeout)
+        else:
+            load = await load_fn(port, reports)
         ids = {r.message_id for r in reports}
         await wait_acks(capture, ids, args.deadline, "service")
         latency = [capture.ack_at[r.message_id] - load.accepted_at[r.message_id] for r in reports]
@@ -355,89 +366,277 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
+# --------------------------------------------------------------------------- open loop (--rate)
+
+
+async def run_open_loop(port: int, reports: Sequence[Report], rate: float, timeout: float,
+                        seed: int = 12) -> LoadResult:
+    """Send ``reports`` at Poisson arrival times of mean ``rate``/s, whatever the server's pace (open loop).
+
+    Each arrival takes an idle persistent connection, or opens one when all are busy, so a slow
+    250 never delays the next arrival.
+    """
+    rng = random.Random(seed)
+    idle: list[aiosmtplib.SMTP] = []
+    opened: list[aiosmtplib.SMTP] = []
+    accepted_at: dict[str, float] = {}
+    latency: list[float] = []
+
+    async def one(report: Report) -> None:
+        if idle:
+            client = idle.pop()
+        else:
+            client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=timeout)
+            opened.append(client)
+            await client.connect()
+            await client.ehlo()
+        t0 = time.perf_counter()
+        errors, response = await client.sendmail(report.sender, [CONTACT], report.raw)
+        t1 = time.perf_counter()
+        if errors or response != ACCEPTED:
+            raise BenchError(f"message {report.message_id} not accepted: {errors or response}")
+        accepted_at[report.message_id] = t1
+        latency.append(t1 - t0)
+        idle.append(client)
+
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    due = loop.time()
+    tasks = []
+    try:
+        for report in reports:
+            due += rng.expovariate(rate)
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            tasks.append(asyncio.ensure_future(one(report)))
+        await asyncio.gather(*tasks)
+    except aiosmtplib.SMTPException as exc:
+        raise BenchError(f"SMTP error from the server on port {port}: {exc}") from exc
+    finally:
+        for task in tasks:
+            task.cancel()
+        elapsed = time.perf_counter() - started
+        for c in opened:
+            try:
+                await c.quit()
+            except (aiosmtplib.SMTPException, OSError):
+                c.close()
+    return LoadResult(elapsed, started, accepted_at, latency)
+
+
+# --------------------------------------------------------------------------- the GnuPG bound
+
+PARALLELISM = (1, 2, 4, 8)
+
+
+def gpg_rates(gpg: Any, operations: dict[str, Callable[[int], None]], count: int) -> dict[str, dict[str, float]]:
+    """Per operation kind: ops/s with 1, 2, 4 and 8 calls at once (``count`` calls each), in threads.
+
+    The calls are the service's own (:class:`mailer.openpgp.OpenPGP`, python-gnupg, one gpg process each).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    rates: dict[str, dict[str, float]] = {}
+    for kind, op in operations.items():
+        op(0)  # untimed: the agent has the key loaded, caches are warm
+        rates[kind] = {}
+        for parallel in PARALLELISM:
+            with ThreadPoolExecutor(parallel) as pool:
+                t0 = time.perf_counter()
+                list(pool.map(op, range(count)))
+                rates[kind][str(parallel)] = round(count / (time.perf_counter() - t0), 1)
+    return rates
+
+
+def gpg_bound(rates: dict[str, dict[str, float]], per_report: dict[str, int]) -> float:
+    """Reports/s if gpg were all there is: each kind at its best parallelism, costs added per report."""
+    seconds = sum(n / max(rates[kind].values()) for kind, n in per_report.items() if n)
+    return 1 / seconds if seconds else math.inf
+
+
+def plain_operations(gpg: Any, size: int, maintainer_fprs: list[str]) -> dict[str, Callable[[int], None]]:
+    data = [(f"{i}\r\n".encode() * (size // 4 + 1))[:size] for i in range(64)]
+    ops: dict[str, Callable[[int], None]] = {"sign": lambda i: gpg.sign_detached(data[i % len(data)]) and None}
+    if maintainer_fprs:
+        ops["sign_encrypt"] = lambda i: gpg.encrypt(data[i % len(data)], [maintainer_fprs[i % len(maintainer_fprs)]],
+                                                    sign=True) and None
+    return ops
+
+
+def make_home() -> str:
+    return tempfile.mkdtemp(prefix="g", dir="/tmp")  # gpg-agent socket paths must stay short
+
+
+def kill_home(home: str) -> None:
+    import shutil
+    import subprocess
+
+    subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True, timeout=10, check=False)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - one run, start to end
     run_id = uuid.uuid4().hex[:12]
-    with tempfile.TemporaryDirectory(prefix="mailer-bench-") as tmp:
-        workdir = Path(tmp)
-        db_url = normalise_db_url(args.database or f"sqlite:///{workdir / 'mailer.db'}")
+    rate_mode = args.rate is not None
+    home = make_home()
+    client: Any = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="mailer-bench-") as tmp:
+            workdir = Path(tmp)
+            db_url = normalise_db_url(args.database or f"sqlite:///{workdir / 'mailer.db'}")
+            n = math.ceil(args.rate * args.duration) if rate_mode else args.n
 
-        def batch(tag: str) -> tuple[list[Report], list[Report]]:
-            return (make_reports(tag, args.n, args.size, run_id),
-                    make_reports(f"{tag}-warm", args.warmup, args.size, run_id))
+            # keys: the service key (and, --encrypted, one pinned key per maintainer) before the service starts
+            from mailer.openpgp import OpenPGP
 
-        sink_reports, sink_warm = batch("sink")
-        sink = await measure_server(SinkHandler(), sink_reports, sink_warm, args)
+            gpg = OpenPGP(home, timeout=max(30.0, args.timeout))
+            maintainers: list[dict[str, str]] = list(MAINTAINERS[: args.maintainers])
+            if args.encrypted:
+                from bench import openpgp as pgpbench
+                from tests.gpgtools import Home
 
-        fsync_dir = workdir / "fsync-sink"
-        fsync_dir.mkdir()
-        fsync_reports, fsync_warm = batch("fsync")
-        fsync = await measure_server(FsyncSinkHandler(fsync_dir), fsync_reports, fsync_warm, args)
+                client = Home()
+                args.maintainer_keys = True
+                keys = await asyncio.to_thread(pgpbench.prepare_keys, home, client, args)
+                maintainers = keys.maintainers
 
-        svc_reports, svc_warm = batch("svc")
-        svc = await measure_service(svc_reports, svc_warm, db_url, workdir, args)
+                def batch(tag: str) -> tuple[list[Report], list[Report]]:
+                    build = pgpbench.make_reports
+                    return (build(client, keys.service_fpr, tag, count=n, size=args.size, run_id=run_id, threads=8),
+                            build(client, keys.service_fpr, f"{tag}-warm", count=args.warmup, size=args.size,
+                                  run_id=run_id, threads=8))
+            else:
+                await asyncio.to_thread(gpg.ensure_service_key, "Example Security Contact", CONTACT)
 
-    n = args.n
-    service_rate = n / svc.load.elapsed
-    sink_rate = n / sink.elapsed
-    fsync_rate = n / fsync.elapsed
-    return {
-        "service_msgs_per_s": round(service_rate, 1),
-        "sink_msgs_per_s": round(sink_rate, 1),
-        "fsync_sink_msgs_per_s": round(fsync_rate, 1),
-        "ratio_vs_sink": round(service_rate / sink_rate, 3),
-        "ratio_vs_fsync_sink": round(service_rate / fsync_rate, 3),
+                def batch(tag: str) -> tuple[list[Report], list[Report]]:
+                    return (make_reports(tag, n, args.size, run_id),
+                            make_reports(f"{tag}-warm", args.warmup, args.size, run_id))
+
+            sink = fsync = None
+            if not rate_mode and not args.encrypted:
+                sink_reports, sink_warm = batch("sink")
+                sink = await measure_server(SinkHandler(), sink_reports, sink_warm, args)
+                fsync_dir = workdir / "fsync-sink"
+                fsync_dir.mkdir()
+                fsync_reports, fsync_warm = batch("fsync")
+                fsync = await measure_server(FsyncSinkHandler(fsync_dir), fsync_reports, fsync_warm, args)
+
+            svc_reports, svc_warm = await asyncio.to_thread(batch, "svc")
+            load_fn = None
+            if rate_mode:
+                def load_fn(port: int, reports: Sequence[Report]) -> Awaitable[LoadResult]:
+                    return run_open_loop(port, reports, args.rate, args.timeout)
+            svc = await measure_service(svc_reports, svc_warm, db_url, workdir, args, home=home,
+                                        maintainers=maintainers, load_fn=load_fn)
+
+            rates: dict[str, dict[str, float]] = {}
+            per_report: dict[str, int] = {}
+            if not rate_mode and args.gpg_ops > 0:
+                # the GnuPG bound: after the service stopped, same home, keys and sizes
+                keyed = [m["fingerprint"] for m in maintainers if m["fingerprint"]]
+                ops = plain_operations(gpg, args.size, keyed)
+                per_report = {"sign": 1 + len(maintainers) - len(keyed), "sign_encrypt": len(keyed)}
+                if args.encrypted:
+                    armored = [r.armored for r in svc_reports[:64]]  # type: ignore[attr-defined]
+                    ops["decrypt"] = lambda i: gpg.decrypt(armored[i % len(armored)]) and None
+                    per_report["decrypt"] = 1
+                rates = await asyncio.to_thread(gpg_rates, gpg, ops, args.gpg_ops)
+    finally:
+        if client is not None:
+            await asyncio.to_thread(client.close)
+        await asyncio.to_thread(kill_home, home)
+
+    acks_rate = n / (svc.last_ack - svc.load.started)
+    result: dict[str, Any] = {
+        "mode": ("open loop" if rate_mode else "burst") + (", encrypted" if args.encrypted else ", plain"),
+        "service_msgs_per_s": round(n / svc.load.elapsed, 1),
+    }
+    if sink is not None and fsync is not None:
+        service_rate, sink_rate, fsync_rate = n / svc.load.elapsed, n / sink.elapsed, n / fsync.elapsed
+        result |= {
+            "sink_msgs_per_s": round(sink_rate, 1),
+            "fsync_sink_msgs_per_s": round(fsync_rate, 1),
+            "ratio_vs_sink": round(service_rate / sink_rate, 3),
+            "ratio_vs_fsync_sink": round(service_rate / fsync_rate, 3),
+        }
+    result |= {
         "ack_latency_ms_p50": ms(percentile(svc.ack_latency, 50)),
         "ack_latency_ms_p99": ms(percentile(svc.ack_latency, 99)),
         "ack_latency_ms_max": ms(max(svc.ack_latency)),
         # reports acknowledged per second, from the first MAIL to the last ack at the relay
-        "service_acks_per_s": round(n / (svc.last_ack - svc.load.started), 1),
-        "smtp_latency_ms_p50": {
-            "service": ms(percentile(svc.load.smtp_latency, 50)),
-            "sink": ms(percentile(sink.smtp_latency, 50)),
-            "fsync_sink": ms(percentile(fsync.smtp_latency, 50)),
-        },
-        "smtp_latency_ms_p99": {
-            "service": ms(percentile(svc.load.smtp_latency, 99)),
-            "sink": ms(percentile(sink.smtp_latency, 99)),
-            "fsync_sink": ms(percentile(fsync.smtp_latency, 99)),
-        },
+        "service_acks_per_s": round(acks_rate, 2),
+    }
+    if rates:
+        bound = gpg_bound(rates, per_report)
+        result |= {
+            "gpg_bound_reports_per_s": round(bound, 2),
+            "ratio_vs_gpg_bound": round(acks_rate / bound, 3),
+            "gpg_ops_per_report": {k: v for k, v in per_report.items() if v},
+            "gpg_ops_per_s": {k: v for k, v in rates.items() if per_report.get(k)},
+        }
+    if rate_mode:
+        result |= {"offered_rate_per_s": args.rate, "duration_s": args.duration,
+                   "arrival_elapsed_s": round(svc.load.elapsed, 2)}
+    smtp = {"service": svc.load}
+    if sink is not None and fsync is not None:
+        smtp |= {"sink": sink, "fsync_sink": fsync}
+    result |= {
+        "smtp_latency_ms_p50": {k: ms(percentile(v.smtp_latency, 50)) for k, v in smtp.items()},
+        "smtp_latency_ms_p99": {k: ms(percentile(v.smtp_latency, 99)) for k, v in smtp.items()},
         "n": n,
-        "size_bytes": len(svc_reports[0].raw) if svc_reports else args.size,
+        "size_bytes": args.size,
         "concurrency": args.concurrency,
         "warmup": args.warmup,
         "maintainers": args.maintainers,
         "database": redact(args.database) if args.database else "sqlite (temp file)",
     }
+    return result
 
 
 def summary(r: dict[str, Any]) -> str:
     lat50, lat99 = r["smtp_latency_ms_p50"], r["smtp_latency_ms_p99"]
-    rows = [
-        ("server", "msgs/s", "ratio", "250 p50 ms", "250 p99 ms"),
-        ("sink (250 only)", f"{r['sink_msgs_per_s']:.1f}", "1.000", f"{lat50['sink']:.2f}", f"{lat99['sink']:.2f}"),
-        ("fsync sink", f"{r['fsync_sink_msgs_per_s']:.1f}",
-         f"{r['fsync_sink_msgs_per_s'] / r['sink_msgs_per_s']:.3f}", f"{lat50['fsync_sink']:.2f}",
-         f"{lat99['fsync_sink']:.2f}"),
-        ("service", f"{r['service_msgs_per_s']:.1f}", f"{r['ratio_vs_sink']:.3f}", f"{lat50['service']:.2f}",
-         f"{lat99['service']:.2f}"),
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False)))  # noqa: E731
     lines = [
-        f"intake benchmark: n={r['n']} size={r['size_bytes']} B concurrency={r['concurrency']} "
+        f"intake benchmark ({r['mode']}): n={r['n']} size={r['size_bytes']} B concurrency={r['concurrency']} "
         f"(persistent connections) warmup={r['warmup']} maintainers={r['maintainers']} database={r['database']}",
         "",
-        fmt(rows[0]),
-        fmt(tuple("-" * w for w in widths)),
-        *(fmt(row) for row in rows[1:]),
-        "",
-        f"service / fsync sink: {r['ratio_vs_fsync_sink']:.3f}  (target >= 0.8: "
-        f"{'met' if r['ratio_vs_fsync_sink'] >= 0.8 else 'NOT met'})",
-        f"service / sink:       {r['ratio_vs_sink']:.3f}",
+    ]
+    if "sink_msgs_per_s" in r:
+        rows = [
+            ("server", "msgs/s", "ratio", "250 p50 ms", "250 p99 ms"),
+            ("sink (250 only)", f"{r['sink_msgs_per_s']:.1f}", "1.000", f"{lat50['sink']:.2f}", f"{lat99['sink']:.2f}"),
+            ("fsync sink", f"{r['fsync_sink_msgs_per_s']:.1f}",
+             f"{r['fsync_sink_msgs_per_s'] / r['sink_msgs_per_s']:.3f}", f"{lat50['fsync_sink']:.2f}",
+             f"{lat99['fsync_sink']:.2f}"),
+            ("service", f"{r['service_msgs_per_s']:.1f}", f"{r['ratio_vs_sink']:.3f}", f"{lat50['service']:.2f}",
+             f"{lat99['service']:.2f}"),
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=False)))  # noqa: E731
+        lines += [
+            fmt(rows[0]),
+            fmt(tuple("-" * w for w in widths)),
+            *(fmt(row) for row in rows[1:]),
+            "",
+            f"service / fsync sink: {r['ratio_vs_fsync_sink']:.3f}  (target >= 0.8: "
+            f"{'met' if r['ratio_vs_fsync_sink'] >= 0.8 else 'NOT met'})",
+            f"service / sink:       {r['ratio_vs_sink']:.3f}",
+        ]
+    else:
+        lines.append(f"intake: {r['service_msgs_per_s']:.1f} msgs/s, 250 p50 {lat50['service']:.2f} ms, "
+                     f"p99 {lat99['service']:.2f} ms")
+    if "offered_rate_per_s" in r:
+        lines.append(f"open loop: Poisson arrivals at {r['offered_rate_per_s']}/s for {r['duration_s']} s")
+    lines += [
         f"ack latency (client 250 -> ack at relay): p50 {r['ack_latency_ms_p50']:.1f} ms, "
         f"p99 {r['ack_latency_ms_p99']:.1f} ms, max {r['ack_latency_ms_max']:.1f} ms",
-        f"acks delivered: {r['service_acks_per_s']:.1f} reports/s (first MAIL to last ack)",
+        f"acks delivered: {r['service_acks_per_s']:.2f} reports/s (first MAIL to last ack)",
     ]
+    if "gpg_bound_reports_per_s" in r:
+        lines.append(f"GnuPG bound: {r['gpg_bound_reports_per_s']:.2f} reports/s "
+                     f"(ops per report {r['gpg_ops_per_report']}, ops/s by parallelism {r['gpg_ops_per_s']}); "
+                     f"service / bound: {r['ratio_vs_gpg_bound']:.3f} (target >= 0.8)")
     return "\n".join(lines)
 
 
@@ -457,10 +656,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="maintainers notified per report, i.e. extra outgoing mails besides the ack (default 2)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds for the whole run before it gives up (default 300)")
+    parser.add_argument("--encrypted", action="store_true",
+                        help="PGP/MIME reports encrypted to the service key, maintainers with pinned keys "
+                             "(encrypted notices); no sink baselines")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="open loop: Poisson arrivals at RATE reports/s for --duration s (no sinks, no bound)")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals with --rate (default 60)")
+    parser.add_argument("--gpg-ops", type=int, default=32,
+                        help="gpg calls per operation kind and parallelism for the GnuPG bound (default 32; 0: skip)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
+    args.threads = 8
     if args.n < 1 or args.concurrency < 1 or args.warmup < 0 or args.size < 512:
         parser.error("-n and --concurrency must be >= 1, --warmup >= 0, --size >= 512")
+    if args.rate is not None and (args.rate <= 0 or args.duration <= 0):
+        parser.error("--rate and --duration must be > 0")
     return args
 
 

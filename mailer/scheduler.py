@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from mailer import states
+from mailer import logs, states
 from mailer.clock import SYSTEM, Clock
 from mailer.config import Config
 from mailer.correspondence import Correspondence
@@ -248,7 +248,9 @@ class Scheduler:
             return 0
         except Exception as exc:
             log.exception("scheduled mail %s failed", item.key)
+            logs.scheduled(str(item.kind), item.key, ScheduledMailState.FAILED.value, list(item.reports), type(exc).__name__)
             return self._record_failure(item, now, late, exc)
+        logs.scheduled(str(item.kind), item.key, row.state, list(item.reports), row.reason)
         if late > LATE_WARNING_SECONDS:
             log.warning("scheduled %s for %s went out %.0f seconds late (due %s)",
                         item.kind, ", ".join(item.reports) or "-", late, item.due_at.isoformat())

@@ -299,10 +299,11 @@ def _reminders(facts: ReportFacts, config: Config, now: datetime) -> list[Planne
             out += _reminder(facts, config, now, "release_incomplete", one_before,
                              due="the release email is incomplete: " + ", ".join(missing),
                              command="the commands named above", until=facts.disclose_at)
-        out += _reminder(facts, config, now, "disclosure_passed", facts.disclose_at,
-                         due="the disclosure date has passed and nothing is published"
-                         + (" (missing: " + ", ".join(missing) + ")" if missing else ""),
-                         command="complete the release (see above), or #extend DATE REASON")
+        if missing:  # a complete release goes out at the instant (late, on the next drain): nothing to remind
+            out += _reminder(facts, config, now, "disclosure_passed", facts.disclose_at,
+                             due="the disclosure date has passed and nothing is published (missing: "
+                             + ", ".join(missing) + ")",
+                             command="complete the release (see above), or #extend DATE REASON")
     if is_open and facts.cve_requested_at and not facts.cve and not facts.cve_none:
         out += _reminder(facts, config, now, "cve", facts.cve_requested_at + CVE_GRACE,
                          due="a CVE was requested and none is recorded", command="#cve CVE-YYYY-NNNN or #cve none")
