@@ -17,7 +17,7 @@ from sqlalchemy import select
 from mailer import commands, tracking
 from mailer.authn import Authenticated, Refused, authenticate
 from mailer.classify import no_reply_reason
-from mailer.commands import LeakAlert, MembersTold, ReporterReply, ReporterStatus
+from mailer.commands import LeakAlert, MaintainersTold, MembersTold, ReporterReply, ReporterStatus
 from mailer.config import Maintainer
 from mailer.correspondence import reporter_key
 from mailer.models import CommandSignature, EmbargoMember, Report, ReportMessage, ScheduledMail
@@ -80,6 +80,16 @@ class Services:
             return f"the reporter's key cannot be used: {exc}"
         return None
 
+    def next_deadline(self, report: Report) -> str:
+        ctx = self.ctx
+        facts = facts_from_report(ctx.session, report, lambda address: self.member_key_problem(address) is None)
+        upcoming = [item for item in plan(facts, ctx.config, ctx.now) if item.due_at >= ctx.now]
+        if not upcoming:
+            return ""
+        first = upcoming[0]
+        what = first.detail.get("topic", "") if first.kind == "reminder" else str(first.kind)
+        return f"next: {format_local(first.due_at, ctx.config.schedule)} {what}"
+
     def schedule_lines(self, report: Report) -> list[str]:
         ctx, cfg = self.ctx, self.ctx.config.schedule
         facts = facts_from_report(ctx.session, report, lambda address: self.member_key_problem(address) is None)
@@ -98,6 +108,7 @@ class Services:
 def run_commands(ctx: Processing) -> None:
     auth = authenticate(ctx.protected, ctx.config, ctx.session, ctx.now)
     if isinstance(auth, Refused):
+        ctx.session.info["commands"] = {"ok": False, "reason": auth.reason}  # for the message's log line
         _refuse(ctx, auth.reason)
         return
     invocations, free_text = commands.parse(auth.text)
@@ -113,6 +124,11 @@ def run_commands(ctx: Processing) -> None:
         outcomes = commands.apply_all(cctx, invocations)
     ctx.session.add(CommandSignature(digest=auth.digest, fingerprint=auth.fingerprint, inbound_id=ctx.inbound.id,
                                      applied_at=ctx.now))
+    # for the message's log line (mailer.logs.summarise): names, signer and outcome, never arguments
+    ctx.session.info["commands"] = {
+        "names": [i.name for i in invocations], "signer": auth.fingerprint, "ok": all(o.ok for o in outcomes),
+        "failed": [i.name for i, o in zip(invocations, outcomes, strict=False) if not o.ok] or None,
+    }
     if all(o.ok for o in outcomes):
         _apply_effects(ctx, cctx)
         _tell_other_maintainers(ctx, auth.maintainer, outcomes)
@@ -183,6 +199,9 @@ def _apply_effects(ctx: Processing, cctx: commands.CommandContext) -> None:
                                                            "leak_member.txt.j2", leak))
             case MembersTold():
                 _to_members(ctx, cctx, report, effect)
+            case MaintainersTold(subject=subject, template=template, context=context):
+                for maintainer in ctx.mail.maintainers_for(report):
+                    _reply_to_maintainer(ctx, maintainer, subject, template, context)
             case ReporterReply(text=text, unencrypted=unencrypted):
                 _to_reporter(ctx, cctx, report, "reply", subject="Re: your security report", template="reply.txt.j2",
                              context={"text": text},

@@ -11,6 +11,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from mailer.atrest import EncryptedBytes, EncryptedJSON, EncryptedText
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -79,7 +81,7 @@ class InboundMessage(Base):
     # Redeliveries are recognised by Message-ID *and* content hash together.
     dedup_key: Mapped[str] = mapped_column(String(1100), unique=True)
     size: Mapped[int] = mapped_column(BigInteger)
-    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    raw: Mapped[bytes] = mapped_column(EncryptedBytes("inbound_messages.raw"))  # encrypted at rest (mailer.atrest)
     state: Mapped[str] = mapped_column(String(16), default=InboundState.RECEIVED.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column()
@@ -88,8 +90,14 @@ class InboundMessage(Base):
     classification: Mapped[str | None] = mapped_column(String(32))
     report_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id"))
     processed_at: Mapped[datetime | None] = mapped_column()
+    # the instance processing it, until when (mailer.worker): another instance takes it over after that
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_until: Mapped[datetime | None] = mapped_column()
 
-    __table_args__ = (Index("ix_inbound_state_next", "state", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_inbound_state_next", "state", "next_attempt_at"),
+        Index("ix_inbound_state_sender", "state", "mail_from", "id"),
+    )
 
 
 class Report(Base):
@@ -99,8 +107,9 @@ class Report(Base):
     tracking_id: Mapped[str] = mapped_column(String(32), unique=True)
     state: Mapped[str] = mapped_column(String(16), default=ReportState.NEW.value, index=True)
     reporter: Mapped[str] = mapped_column(String(998))
-    subject: Mapped[str] = mapped_column(String(998), default="")
-    fields: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # report content is encrypted at rest (mailer.atrest)
+    subject: Mapped[str] = mapped_column(EncryptedText("reports.subject"), default="")
+    fields: Mapped[dict[str, Any]] = mapped_column(EncryptedJSON("reports.fields"), default=dict)
     missing_fields: Mapped[list[Any]] = mapped_column(default=list)
     flags: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
@@ -120,6 +129,10 @@ class Report(Base):
     release_url: Mapped[str | None] = mapped_column(String(500))
     disclose_at: Mapped[datetime | None] = mapped_column(index=True)
     duplicate_of: Mapped[str | None] = mapped_column(String(32))
+    # what the advisory says in public (#summary), and how the reporter is credited (#credit; never their address)
+    summary: Mapped[str | None] = mapped_column(String(500))
+    credit: Mapped[str | None] = mapped_column(String(200))
+    credit_none: Mapped[bool] = mapped_column(default=False)
     # The disclosure timeline (mailer.timeline, mailer.scheduler).
     accepted_at: Mapped[datetime | None] = mapped_column()
     cve_none: Mapped[bool] = mapped_column(default=False)  # `#cve none`: the release needs no CVE id
@@ -146,8 +159,8 @@ class ReportMessage(Base):
     sender: Mapped[str] = mapped_column(String(998), default="")
     inbound_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"))
     outbox_id: Mapped[int | None] = mapped_column(ForeignKey("outbox.id"))
-    body_text: Mapped[str] = mapped_column(Text, default="")
-    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    body_text: Mapped[str] = mapped_column(EncryptedText("report_messages.body_text"), default="")
+    meta: Mapped[dict[str, Any]] = mapped_column(EncryptedJSON("report_messages.meta"), default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     report: Mapped[Report] = relationship(back_populates="messages")
@@ -159,10 +172,10 @@ class Attachment(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     report_message_id: Mapped[int] = mapped_column(ForeignKey("report_messages.id"), index=True)
-    filename: Mapped[str] = mapped_column(String(255), default="")
+    filename: Mapped[str] = mapped_column(EncryptedText("attachments.filename"), default="")
     content_type: Mapped[str] = mapped_column(String(255))
     size: Mapped[int] = mapped_column(BigInteger)
-    data: Mapped[bytes | None] = mapped_column(LargeBinary)  # None when over the size cap
+    data: Mapped[bytes | None] = mapped_column(EncryptedBytes("attachments.data"))  # None when over the size cap
     truncated: Mapped[bool] = mapped_column(default=False)
 
 
@@ -176,10 +189,23 @@ class Event(Base):
     at: Mapped[datetime] = mapped_column(default=utcnow)
     kind: Mapped[str] = mapped_column(String(64))
     actor: Mapped[str] = mapped_column(String(998), default="system")
-    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    detail: Mapped[dict[str, Any]] = mapped_column(EncryptedJSON("events.detail"), default=dict)
     inbound_id: Mapped[int | None] = mapped_column(ForeignKey("inbound_messages.id"))
+    # the audit chain (mailer.audit): set in the transaction that adds the event
+    prev_hash: Mapped[str | None] = mapped_column(String(64))
+    hash: Mapped[str | None] = mapped_column(String(64), unique=True)
 
     report: Mapped[Report | None] = relationship(back_populates="events")
+
+
+class AuditHead(Base):
+    """The newest link of the audit chain (one row); updating it serialises the writers of events."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_hash: Mapped[str] = mapped_column(String(64))
+    length: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class OutboxMessage(Base):
@@ -196,13 +222,16 @@ class OutboxMessage(Base):
     rcpt_tos: Mapped[list[Any]] = mapped_column()
     # lower-cased recipient the rate limit counts against (acks only)
     rate_key: Mapped[str | None] = mapped_column(String(998))
-    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    raw: Mapped[bytes] = mapped_column(EncryptedBytes("outbox.raw"))  # a plain ack repeats the subject: encrypted at rest
     state: Mapped[str] = mapped_column(String(16), default=OutboxState.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
     deliver_until: Mapped[datetime] = mapped_column()
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None] = mapped_column()
+    # the instance delivering it, until when (outbound.sender)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    claimed_until: Mapped[datetime | None] = mapped_column()
 
     __table_args__ = (
         Index("ix_outbox_state_next", "state", "next_attempt_at"),
@@ -217,6 +246,17 @@ class Counter(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Lease(Base):
+    """A named lease one instance holds at a time (e.g. polling one IMAP mailbox), renewed while held."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    until: Mapped[datetime] = mapped_column()
+    acquired_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class ReportKey(Base):
@@ -286,7 +326,7 @@ class ScheduledMail(Base):
     state: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
     recipients: Mapped[list[Any]] = mapped_column(default=list)
-    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    detail: Mapped[dict[str, Any]] = mapped_column(EncryptedJSON("scheduled_mail.detail"), default=dict)
     sent_at: Mapped[datetime | None] = mapped_column()
     late_seconds: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

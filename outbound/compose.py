@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from datetime import datetime
 from email import policy
@@ -17,6 +18,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from mailer.config import Config
 from mailer.outgoing import MailKind, Outgoing
 from mailer.text import header_safe
+from mailer.wellknown import fingerprint_groups
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 _MSGID = re.compile(r"^<[\x21-\x3b\x3d\x3f-\x7e]{1,250}>$")
@@ -24,7 +26,7 @@ _MSGID = re.compile(r"^<[\x21-\x3b\x3d\x3f-\x7e]{1,250}>$")
 
 def make_environment(directory: Path = TEMPLATES) -> SandboxedEnvironment:
     """Templates are plain text (no HTML escaping) rendered in jinja2's sandbox."""
-    return SandboxedEnvironment(
+    env = SandboxedEnvironment(
         loader=FileSystemLoader(str(directory)),
         undefined=StrictUndefined,
         autoescape=False,
@@ -32,6 +34,8 @@ def make_environment(directory: Path = TEMPLATES) -> SandboxedEnvironment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.filters["fingerprint_groups"] = fingerprint_groups
+    return env
 
 
 def new_message_id(config: Config) -> str:
@@ -42,7 +46,8 @@ def _msgids(values: tuple[str, ...] | list[str]) -> list[str]:
     return [v for v in values if v and _MSGID.match(v)]
 
 
-def compose(config: Config, outgoing: Outgoing, body: str, *, message_id: str, now: datetime) -> EmailMessage:
+def compose(config: Config, outgoing: Outgoing, body: str, *, message_id: str, now: datetime,
+            autocrypt: str = "") -> EmailMessage:
     """A complete RFC 5322 message; serialise with ``policy.SMTP`` (CRLF) for the wire."""
     msg = EmailMessage(policy=policy.SMTP)
     msg["From"] = Address(display_name=header_safe(config.service.contact_name), addr_spec=config.service.contact)
@@ -60,8 +65,23 @@ def compose(config: Config, outgoing: Outgoing, body: str, *, message_id: str, n
     msg["Auto-Submitted"] = "auto-replied" if outgoing.kind is MailKind.ACK else "auto-generated"
     msg["X-Loop"] = config.service.contact
     msg["X-Auto-Response-Suppress"] = "All"
+    if autocrypt:
+        msg["Autocrypt"] = autocrypt
     msg.set_content(body, charset="utf-8")
     return msg
+
+
+def autocrypt_header(addr: str, keydata: bytes) -> str:
+    """The ``Autocrypt:`` value (autocrypt.org level 1): our address, mutual preference, the minimal key.
+
+    The base64 key data starts on its own word and carries folding whitespace
+    every 64 characters (the spec allows whitespace in it), so every word fits
+    a 78-character line: the header folds at spaces and is never turned into
+    RFC 2047 encoded words, which Autocrypt readers do not decode.
+    """
+    b64 = base64.b64encode(keydata).decode("ascii")
+    folded = " ".join(b64[i:i + 64] for i in range(0, len(b64), 64))
+    return f"addr={addr}; prefer-encrypt=mutual; keydata= {folded}"
 
 
 def render(env: SandboxedEnvironment, template: str, context: dict[str, Any]) -> str:

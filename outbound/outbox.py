@@ -32,6 +32,7 @@ class Outbox:
         # the service key, set once at start (see Service.start): no gpg call per message
         self.fingerprint = ""
         self.public_key = ""
+        self.autocrypt = ""  # the Autocrypt: header value every outgoing mail carries
 
     def _protect(self, message: EmailMessage, outgoing: Outgoing) -> EmailMessage:
         """Sign everything; encrypt when asked. :raises CryptoError: when a key is unusable."""
@@ -41,6 +42,11 @@ class Outbox:
                 filename=f"{self.config.service.contact}.asc",
             )
         if outgoing.encrypted:
+            for name, ctype, data in outgoing.attachments:  # report content: only ever inside the encryption
+                maintype, _, subtype = ctype.partition("/")
+                if maintype in ("multipart", "message") or not subtype:
+                    maintype, subtype = "application", "octet-stream"
+                message.add_attachment(data, maintype=maintype, subtype=subtype, filename=name or "attachment")
             return build_encrypted(message, self.gpg, list(outgoing.encrypt_to), key_blob=outgoing.key_blob, sign=True)
         return build_signed(message, self.gpg)
 
@@ -50,7 +56,8 @@ class Outbox:
                    **outgoing.context}
         body = render(self.env, outgoing.template, context)
         message_id = new_message_id(self.config)
-        message = self._protect(compose(self.config, outgoing, body, message_id=message_id, now=now), outgoing)
+        composed = compose(self.config, outgoing, body, message_id=message_id, now=now, autocrypt=self.autocrypt)
+        raw = self._protect(composed, outgoing).as_bytes(policy=policy.SMTP)
         row = OutboxMessage(
             kind=outgoing.kind.value,
             report_id=outgoing.report_id,
@@ -58,7 +65,7 @@ class Outbox:
             mail_from=self.config.service.contact,
             rcpt_tos=[outgoing.to],
             rate_key=outgoing.rate_key,
-            raw=message.as_bytes(policy=policy.SMTP),
+            raw=raw,
             created_at=now,
             next_attempt_at=now,
             deliver_until=now + timedelta(hours=self.config.relay.retry_hours),

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
+from mailer.cli.inbound import register_keys as register_data_key
 from mailer.cli.views import Subparsers, iso, keyring, print_result
 from mailer.config import Config
 from mailer.errors import NotFound
 from mailer.openpgp import KeyInfo, check_versions
+from mailer.wellknown import fingerprint_groups, write_wkd
 
 
 def key_row(info: KeyInfo, config: Config) -> dict[str, Any]:
@@ -34,7 +37,7 @@ def key_row(info: KeyInfo, config: Config) -> dict[str, Any]:
 def cmd_keys_list(config: Config, args: argparse.Namespace) -> int:
     rows = [key_row(k, config) for k in keyring(config).list_keys()]
     text = "\n".join(
-        f"{r['fingerprint']}  {'usable' if r['usable'] else r['problem']:<10}  {', '.join(r['uids'])}"
+        f"{fingerprint_groups(r['fingerprint'])}  {'usable' if r['usable'] else r['problem']:<10}  {', '.join(r['uids'])}"
         + (f"  [{'; '.join(r['roles'])}]" if r["roles"] else "")
         for r in rows
     )
@@ -84,6 +87,13 @@ def cmd_keys_export(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_wkd(config: Config, args: argparse.Namespace) -> int:
+    check_versions()
+    for path in write_wkd(config, keyring(config), args.dir):
+        print(path)
+    return 0
+
+
 def register(sub: Subparsers) -> None:
     keys = sub.add_parser("keys", help="OpenPGP keys").add_subparsers(dest="keys_command", required=True)
     p = keys.add_parser("list", help="keys in the service keyring, with usability and role")
@@ -102,3 +112,7 @@ def register(sub: Subparsers) -> None:
     keys.add_parser("export", help="print the service's public key (generated if missing)").set_defaults(
         func=cmd_keys_export
     )
+    register_data_key(keys)
+    p = keys.add_parser("wkd", help="write a Web Key Directory for the contact address under DIR (serve it as https://DOMAIN/)")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(func=cmd_keys_wkd)

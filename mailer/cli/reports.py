@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 
 from mailer import app
+from mailer.cli.data import cmd_attachments
 from mailer.cli.views import Subparsers, find_report, open_db, print_result, report_detail, report_summary, table
 from mailer.clock import SYSTEM
 from mailer.config import Config
@@ -90,6 +91,11 @@ def register(sub: Subparsers) -> None:
     p.add_argument("id", help="tracking id, e.g. SEC-2026-0001")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_reports_show)
+    p = reports.add_parser("attachments", help="write a report's attachments into a directory (files 0600)")
+    p.add_argument("id", help="tracking id")
+    p.add_argument("--output", required=True, help="directory (created 0700)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_attachments)
 
     schedule = sub.add_parser("schedule", help="the disclosure timeline: what is sent when, to whom").add_subparsers(
         dest="schedule_command", required=True)

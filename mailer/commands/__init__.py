@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mailer.commands.advisory import Credit, Summary
 from mailer.commands.base import (
     Command,
     CommandContext,
@@ -22,6 +23,7 @@ from mailer.commands.base import (
     Effect,
     Invocation,
     LeakAlert,
+    MaintainersTold,
     MembersTold,
     ReporterReply,
     ReporterStatus,
@@ -32,8 +34,8 @@ from mailer.commands.info import List_, Note, Reply, Status
 from mailer.commands.lifecycle import Accept, Assign, Close, Duplicate, Reject, Reopen, Report_
 
 __all__ = [
-    "REGISTRY", "Command", "CommandContext", "CommandError", "Effect", "Invocation", "LeakAlert", "MembersTold", "Outcome",
-    "ReporterReply", "ReporterStatus", "apply_all", "help_text", "looks_like_commands", "parse",
+    "REGISTRY", "Command", "CommandContext", "CommandError", "Effect", "Invocation", "LeakAlert", "MaintainersTold",
+    "MembersTold", "Outcome", "ReporterReply", "ReporterStatus", "apply_all", "help_text", "looks_like_commands", "parse",
 ]
 
 _COMMAND_LINE = re.compile(r"^#([a-z]+)(?:[ \t]+(.*))?$")
@@ -52,8 +54,8 @@ REGISTRY: dict[str, Command] = {
     c.name: c
     for c in (
         Accept(), Reject(), Duplicate(), Reopen(), Close(), Assign(), Severity(), Cvss(), Cve(), Affected(), Fixed(),
-        Advisory(), Release(), Disclose(), Extend(), Publish(), Embargo(), Reply(), Note(), Leak(), Report_(), Status(), List_(),
-        Help(),
+        Advisory(), Summary(), Credit(), Release(), Disclose(), Extend(), Publish(), Embargo(), Reply(), Note(), Leak(),
+        Report_(), Status(), List_(), Help(),
     )
 }
 

@@ -63,7 +63,16 @@ class MembersTold:
     context: dict[str, Any]
 
 
-Effect = ReporterStatus | ReporterReply | LeakAlert | MembersTold
+@dataclass(frozen=True)
+class MaintainersTold:
+    """The incident manager (or every maintainer) gets this mail, encrypted to their key."""
+
+    subject: str
+    template: str
+    context: dict[str, Any]
+
+
+Effect = ReporterStatus | ReporterReply | LeakAlert | MembersTold | MaintainersTold
 
 
 class CommandServices(Protocol):
@@ -83,6 +92,10 @@ class CommandServices(Protocol):
 
     def schedule_lines(self, report: Report) -> list[str]:
         """The report's deadlines and planned mail, one line each."""
+        ...
+
+    def next_deadline(self, report: Report) -> str:
+        """The report's next deadline or planned mail, in one line ('' when none)."""
         ...
 
 

@@ -7,7 +7,16 @@ import re
 from cvss import CVSS3, CVSS4
 from cvss.exceptions import CVSSError
 
-from mailer.commands.base import Command, CommandContext, CommandError, check_supported, clean_arg, split_flags
+from mailer.advisory import AdvisoryError, text_advisory
+from mailer.commands.base import (
+    Command,
+    CommandContext,
+    CommandError,
+    MaintainersTold,
+    check_supported,
+    clean_arg,
+    split_flags,
+)
 
 SEVERITIES = ("low", "medium", "high", "critical")
 
@@ -116,9 +125,20 @@ class Fixed(Command):
 
 
 class Advisory(Command):
-    name, argument_description, description = "advisory", "URL", "record the advisory URL (https)"
+    name, argument_description = "advisory", "[URL]"
+    description = "record the advisory URL (https); without URL, the text advisory is drafted for review"
 
     def run(self, ctx: CommandContext, args: str) -> str:
+        report = ctx.need_report()
+        if not args.strip():
+            try:
+                draft = text_advisory(report, ctx.config)
+            except AdvisoryError as exc:
+                raise CommandError(str(exc)) from None
+            ctx.effects.append(MaintainersTold(f"[{report.tracking_id}] Advisory draft for review", "advisory_draft.txt.j2",
+                                               {"report": report, "draft": draft}))
+            ctx.event("report.advisory_draft")
+            return "advisory drafted: sent to the incident manager (or the maintainers) for review"
         url = clean_arg(args, "URL")
         if not URL.match(url):
             raise CommandError(f"expected an https:// URL, got {url!r}")

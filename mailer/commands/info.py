@@ -62,14 +62,17 @@ class List_(Command):
         which = args.strip().lower() or "open"
         if which not in ("open", "all"):
             raise CommandError("expected `#list open` or `#list all`")
-        query = select(Report.tracking_id, Report.state, Report.severity, Report.disclose_at)
+        query = select(Report)
         count = select(func.count(Report.id))
+        open_states = [s.value for s in states.OPEN]
         if which == "open":
-            open_states = [s.value for s in states.OPEN]
             query, count = query.where(Report.state.in_(open_states)), count.where(Report.state.in_(open_states))
         total = ctx.session.scalar(count) or 0
-        rows = ctx.session.execute(query.order_by(Report.id.desc()).limit(LIST_LIMIT)).all()
-        lines = [f"  {t}  {s:<12} {sev or '-':<8} {d:%Y-%m-%d}" if d else f"  {t}  {s:<12} {sev or '-':<8}" for t, s, sev, d in rows]
-        more = f"\n  … and {total - len(rows)} more" if total > len(rows) else ""
+        lines = []
+        for report in ctx.session.scalars(query.order_by(Report.id.desc()).limit(LIST_LIMIT)):
+            disclose = f"{report.disclose_at:%Y-%m-%d}" if report.disclose_at else "-"
+            upcoming = ctx.services.next_deadline(report) if report.state in open_states else ""
+            lines.append(f"  {report.tracking_id}  {report.state:<12} {report.severity or '-':<8} {disclose:<10}  {upcoming}".rstrip())
+        more = f"\n  … and {total - len(lines)} more" if total > len(lines) else ""
         ctx.output.append(f"{which} reports ({total}):\n" + "\n".join(lines) + more)
         return f"{total} {which} report(s)"

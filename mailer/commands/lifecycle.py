@@ -50,14 +50,18 @@ class Reopen(Command):
 
     def run(self, ctx: CommandContext, args: str) -> str:
         ctx.need_report().duplicate_of = None
-        return transition(ctx, "reopen")
+        result = transition(ctx, "reopen")
+        ctx.effects.append(ReporterStatus("reopened"))
+        return result
 
 
 class Close(Command):
     name, description = "close", "close a published, rejected or duplicate report"
 
     def run(self, ctx: CommandContext, args: str) -> str:
-        return transition(ctx, "close")
+        result = transition(ctx, "close")
+        ctx.effects.append(ReporterStatus("closed"))
+        return result
 
 
 class Assign(Command):
