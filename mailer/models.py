@@ -223,6 +223,8 @@ class OutboxMessage(Base):
     # lower-cased recipient the rate limit counts against (acks only)
     rate_key: Mapped[str | None] = mapped_column(String(998))
     raw: Mapped[bytes] = mapped_column(EncryptedBytes("outbox.raw"))  # a plain ack repeats the subject: encrypted at rest
+    # queued unsigned: the sender signs it (outside the processing transaction) before the first attempt
+    needs_signature: Mapped[bool] = mapped_column(default=False)
     state: Mapped[str] = mapped_column(String(16), default=OutboxState.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -2,6 +2,12 @@
 
 The Message-ID is fixed when the row is created, so a retry after an unknown
 outcome (connection lost after DATA) is recognisable downstream.
+
+Mail that is encrypted is encrypted (and signed) here, in the caller's
+transaction: whether a key is usable decides what the mail may say
+(``mailer.correspondence``). Mail that is only signed is queued unsigned
+(``needs_signature``) and signed by the sender before its first attempt
+(:meth:`Outbox.sign`), outside the processing transaction and several at once.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from mailer.models import OutboxMessage
 from mailer.openpgp import OpenPGP
 from mailer.outgoing import Outgoing
 from outbound.compose import compose, make_environment, new_message_id, render
-from outbound.pgpmime import build_encrypted, build_signed
+from outbound.pgpmime import build_encrypted, sign_bytes
 
 
 class Outbox:
@@ -34,21 +40,18 @@ class Outbox:
         self.public_key = ""
         self.autocrypt = ""  # the Autocrypt: header value every outgoing mail carries
 
-    def _protect(self, message: EmailMessage, outgoing: Outgoing) -> EmailMessage:
-        """Sign everything; encrypt when asked. :raises CryptoError: when a key is unusable."""
-        if outgoing.attach_key:
-            message.add_attachment(
-                self.public_key.encode("ascii"), maintype="application", subtype="pgp-keys",
-                filename=f"{self.config.service.contact}.asc",
-            )
-        if outgoing.encrypted:
-            for name, ctype, data in outgoing.attachments:  # report content: only ever inside the encryption
-                maintype, _, subtype = ctype.partition("/")
-                if maintype in ("multipart", "message") or not subtype:
-                    maintype, subtype = "application", "octet-stream"
-                message.add_attachment(data, maintype=maintype, subtype=subtype, filename=name or "attachment")
-            return build_encrypted(message, self.gpg, list(outgoing.encrypt_to), key_blob=outgoing.key_blob, sign=True)
-        return build_signed(message, self.gpg)
+    def _encrypt(self, message: EmailMessage, outgoing: Outgoing) -> EmailMessage:
+        """Encrypt (and sign) with the report's attachments inside. :raises CryptoError: when a key is unusable."""
+        for name, ctype, data in outgoing.attachments:  # report content: only ever inside the encryption
+            maintype, _, subtype = ctype.partition("/")
+            if maintype in ("multipart", "message") or not subtype:
+                maintype, subtype = "application", "octet-stream"
+            message.add_attachment(data, maintype=maintype, subtype=subtype, filename=name or "attachment")
+        return build_encrypted(message, self.gpg, list(outgoing.encrypt_to), key_blob=outgoing.key_blob, sign=True)
+
+    def sign(self, raw: bytes) -> bytes:
+        """The signed form of a message queued unsigned (the sender calls this). :raises CryptoError:"""
+        return sign_bytes(raw, self.gpg)
 
     def enqueue(self, session: Session, outgoing: Outgoing) -> OutboxMessage:
         now = self.clock()
@@ -56,8 +59,14 @@ class Outbox:
                    **outgoing.context}
         body = render(self.env, outgoing.template, context)
         message_id = new_message_id(self.config)
-        composed = compose(self.config, outgoing, body, message_id=message_id, now=now, autocrypt=self.autocrypt)
-        raw = self._protect(composed, outgoing).as_bytes(policy=policy.SMTP)
+        message = compose(self.config, outgoing, body, message_id=message_id, now=now, autocrypt=self.autocrypt)
+        if outgoing.attach_key:
+            message.add_attachment(
+                self.public_key.encode("ascii"), maintype="application", subtype="pgp-keys",
+                filename=f"{self.config.service.contact}.asc",
+            )
+        if outgoing.encrypted:
+            message = self._encrypt(message, outgoing)
         row = OutboxMessage(
             kind=outgoing.kind.value,
             report_id=outgoing.report_id,
@@ -65,7 +74,8 @@ class Outbox:
             mail_from=self.config.service.contact,
             rcpt_tos=[outgoing.to],
             rate_key=outgoing.rate_key,
-            raw=raw,
+            raw=message.as_bytes(policy=policy.SMTP),
+            needs_signature=not outgoing.encrypted,
             created_at=now,
             next_attempt_at=now,
             deliver_until=now + timedelta(hours=self.config.relay.retry_hours),

@@ -20,7 +20,7 @@ from email.message import EmailMessage, Message
 from mailer.mimetree import normalise_crlf
 from mailer.openpgp import CryptoError, OpenPGP
 
-__all__ = ["ENCRYPTED_SUBJECT", "build_encrypted", "build_signed"]
+__all__ = ["ENCRYPTED_SUBJECT", "build_encrypted", "build_signed", "sign_bytes"]
 
 ENCRYPTED_SUBJECT = "..."
 
@@ -94,11 +94,47 @@ def _signed_entity(inner: EmailMessage, gpg: OpenPGP, outer: EmailMessage) -> Em
     boundary = _boundary(signed_bytes)
     content_type = (f'multipart/signed; micalg="{signature.micalg}"; '
                     f'protocol="application/pgp-signature"; boundary="{boundary}"')
-    wrapped = _wrapper(outer, content_type, [first, sig],
-                       "This is an OpenPGP/MIME signed message (RFC 4880 and 3156)")
+    wrapped = _wrapper(outer, content_type, [first, sig], _SIGNED_PREAMBLE)
     if b"\r\n" + signed_bytes + b"\r\n--" + boundary.encode() not in _serialise(wrapped):
         raise CryptoError("signed part does not serialise to the signed bytes")
     return wrapped
+
+
+_SIGNED_PREAMBLE = "This is an OpenPGP/MIME signed message (RFC 4880 and 3156)"
+
+
+def sign_bytes(raw: bytes, gpg: OpenPGP) -> bytes:
+    """:func:`build_signed` for a queued message: bytes in, bytes out, parsed once and serialised once.
+
+    The wrapper is assembled around the signed bytes themselves, so the first
+    part is byte for byte what was signed (no re-parse, no copy of the message).
+    """
+    msg = email.message_from_bytes(raw, policy=email.policy.SMTP)
+    outer = [(k, v) for k, v in msg.items() if not k.lower().startswith("content-") and k.lower() != "mime-version"]
+    for name in {k.lower() for k in msg}:
+        if not name.startswith("content-"):
+            del msg[name]
+    if msg.get("Content-Type") is None:
+        msg["Content-Type"] = "text/plain; charset=us-ascii"
+    _make_7bit(msg)
+    signed_bytes = _serialise(msg)
+    signature = gpg.sign_detached(signed_bytes)
+    boundary = _boundary(signed_bytes)
+    head = EmailMessage(policy=email.policy.SMTP)
+    for name, value in outer:
+        head[name] = value
+    head["MIME-Version"] = "1.0"
+    head["Content-Type"] = (f'multipart/signed; micalg="{signature.micalg}"; '
+                            f'protocol="application/pgp-signature"; boundary="{boundary}"')
+    sig = EmailMessage(policy=email.policy.SMTP)
+    sig["Content-Type"] = 'application/pgp-signature; name="signature.asc"'
+    sig["Content-Description"] = "OpenPGP digital signature"
+    sig["Content-Disposition"] = 'attachment; filename="signature.asc"'
+    sig.set_payload(signature.signature.decode("ascii"))
+    delimiter = b"\r\n--" + boundary.encode("ascii")
+    header_block = b"".join(head.policy.fold_binary(name, value) for name, value in head.items()) + b"\r\n"
+    return (header_block + _SIGNED_PREAMBLE.encode("ascii") + delimiter + b"\r\n" + signed_bytes
+            + delimiter + b"\r\n" + _serialise(sig) + delimiter + b"--\r\n")
 
 
 def build_signed(msg: EmailMessage, gpg: OpenPGP) -> EmailMessage:

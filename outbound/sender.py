@@ -13,6 +13,7 @@ import contextlib
 import logging
 import mailbox
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -176,9 +177,14 @@ class Sender:
     BATCH = 50  # rows claimed at once
     RECORD_EVERY = 10  # outcomes recorded per transaction
 
-    def __init__(self, db: Database, transport: Transport, *, clock: Clock = SYSTEM, lease: float = 30.0) -> None:
+    SIGNING = 4  # gpg signatures made at once (subprocesses: they use every core)
+
+    def __init__(self, db: Database, transport: Transport, *, clock: Clock = SYSTEM, lease: float = 30.0,
+                 signer: Callable[[bytes], bytes] | None = None) -> None:
         self.db = db
         self.transport = transport
+        #: signs mail queued unsigned (``needs_signature``): :meth:`outbound.outbox.Outbox.sign`
+        self.signer = signer
         self.clock = clock
         self.lease = lease
         self.wake = asyncio.Event()
@@ -265,10 +271,14 @@ class Sender:
                 self._held = [row.id for row in rows]
                 outcomes: list[tuple[int, DeliveryError | None]] = []
                 try:
+                    unsigned = await self._sign(rows)
                     for row in rows:
                         if self.stopping.is_set():
                             break
                         seen.add(row.id)
+                        if row.id in unsigned:  # signing failed: a temporary failure, tried again later
+                            outcomes.append((row.id, unsigned[row.id]))
+                            continue
                         error: DeliveryError | None = None
                         try:
                             await self.transport.send(Envelope(row.mail_from, list(row.rcpt_tos), row.raw))
@@ -287,6 +297,47 @@ class Sender:
             self._held = []
             await self._close_transport()
         return sent
+
+    async def _sign(self, rows: list[OutboxMessage]) -> dict[int, DeliveryError]:
+        """Sign the rows queued unsigned, several at once, and store the signed bytes before any is sent.
+
+        Storing first means a retry sends exactly the bytes of the first attempt.
+        Returns the rows that could not be signed, with the reason.
+        """
+        pending = [row for row in rows if row.needs_signature]
+        if not pending or self.signer is None:
+            return {}
+        signer, limit = self.signer, asyncio.Semaphore(self.SIGNING)
+
+        async def one(row: OutboxMessage) -> tuple[OutboxMessage, bytes | Exception]:
+            async with limit:
+                try:
+                    return row, await asyncio.to_thread(signer, row.raw)
+                except Exception as exc:  # noqa: BLE001 - recorded on the row as a temporary failure
+                    return row, exc
+
+        signed: list[tuple[int, bytes]] = []
+        failed: dict[int, DeliveryError] = {}
+        for row, result in await asyncio.gather(*(one(row) for row in pending)):
+            if isinstance(result, Exception):
+                log.error("outgoing message %s could not be signed: %s", row.id, result)
+                failed[row.id] = DeliveryError(f"signing failed: {result}", temporary=True)
+            else:
+                signed.append((row.id, result))
+        if signed:
+            await asyncio.to_thread(self._store_signed, signed)
+            by_id = dict(signed)
+            for row in pending:
+                if row.id in by_id:
+                    row.raw, row.needs_signature = by_id[row.id], False
+        return failed
+
+    def _store_signed(self, signed: list[tuple[int, bytes]]) -> None:
+        with self.db.session() as session:
+            for row_id, raw in signed:
+                row = session.get(OutboxMessage, row_id, with_for_update=True)
+                if row is not None and row.needs_signature and row.claimed_by == self.db.owner:
+                    row.raw, row.needs_signature = raw, False
 
     async def _flush(self, outcomes: list[tuple[int, DeliveryError | None]]) -> None:
         batch = list(outcomes)

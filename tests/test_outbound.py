@@ -139,3 +139,38 @@ async def test_outbox_rows_are_serialised_with_crlf(service: Service) -> None:
         raw = row.raw
     assert b"\n" not in raw.replace(b"\r\n", b"")
     assert b"\r\nBcc:" not in raw
+
+
+async def test_sign_only_mail_is_signed_by_the_sender_before_its_first_attempt(
+    service: Service, relay: CaptureRelay
+) -> None:
+    """Acks are queued unsigned, signed by the sender and stored signed before sending: the relay gets those bytes."""
+    await queue_one(service)
+    queued = rows(service)
+    assert queued and all(r.needs_signature for r in queued)  # no maintainer has a key: all three are sign-only
+    assert not any(b"multipart/signed" in r.raw for r in queued)
+    await service.sender.drain()
+    sent = rows(service)
+    assert all(not r.needs_signature and r.state == "sent" and b"multipart/signed" in r.raw for r in sent)
+    assert sorted(m.raw for m in relay.messages) == sorted(r.raw for r in sent)
+    assert [r.message_id for r in sent] == [r.message_id for r in queued]
+
+
+async def test_a_mail_that_cannot_be_signed_waits_and_nothing_goes_out_unsigned(
+    service: Service, relay: CaptureRelay, clock: FakeClock
+) -> None:
+    """When signing fails the row stays pending with the reason; it is signed and sent on a later attempt."""
+    await queue_one(service)
+
+    def broken(raw: bytes) -> bytes:
+        raise RuntimeError("gpg is gone")
+
+    working, service.sender.signer = service.sender.signer, broken
+    await service.sender.drain()
+    assert relay.messages == []
+    pending = rows(service)
+    assert all(r.state == "pending" and r.needs_signature and "signing failed" in (r.last_error or "") for r in pending)
+    service.sender.signer = working
+    make_due(service, clock)
+    await service.sender.drain()
+    assert len(relay.messages) == len(pending) and all(b"multipart/signed" in m.raw for m in relay.messages)
