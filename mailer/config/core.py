@@ -67,9 +67,10 @@ class ServiceConfig(Section):
         return self.contact.rpartition("@")[2]
 
 
-class ListenerConfig(Section):
+class Listening(Section):
+    """A section with a ``listen = "HOST:PORT"`` key (empty: off)."""
+
     listen: str = ""
-    max_message_size: int = Field(25 * 1024 * 1024, ge=1024)
 
     @field_validator("listen")
     @classmethod
@@ -81,6 +82,10 @@ class ListenerConfig(Section):
     @property
     def address(self) -> tuple[str, int] | None:
         return parse_hostport(self.listen) if self.listen else None
+
+
+class ListenerConfig(Listening):
+    max_message_size: int = Field(25 * 1024 * 1024, ge=1024)
 
 
 class SmtpConfig(ListenerConfig):

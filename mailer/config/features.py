@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from mailer.config.core import Section, parse_hostport
+from mailer.config.core import Listening, Section
 
 _HOURS = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 
@@ -174,21 +174,8 @@ class LoggingConfig(Section):
         return value
 
 
-class MetricsConfig(Section):
+class MetricsConfig(Listening):
     """The optional Prometheus endpoint (mailer.metrics); off when ``listen`` is empty."""
-
-    listen: str = ""
-
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, value: str) -> str:
-        if value:
-            parse_hostport(value)
-        return value
-
-    @property
-    def address(self) -> tuple[str, int] | None:
-        return parse_hostport(self.listen) if self.listen else None
 
 
 class HealthConfig(Section):
