@@ -125,6 +125,7 @@ class ImapPoller:
         self._capabilities: dict[str, bool] = {}
         self._last_error: str | None = None
         self._last_error_at: datetime | None = None
+        self._down_since: datetime | None = None  # the first failure since the last connect
         self._last_poll_at: datetime | None = None
         self._failures = 0
         self._retries = 0  # reconnect waits since the last session that lasted
@@ -144,6 +145,7 @@ class ImapPoller:
             "mailbox": self.config.mailbox,
             "last_error": self._last_error,
             "last_error_at": _iso(self._last_error_at),
+            "disconnected_since": _iso(self._down_since),
             "last_poll_at": _iso(self._last_poll_at),
             "consecutive_failures": self._failures,
             "idle": self._capabilities.get("IDLE", False),
@@ -232,6 +234,7 @@ class ImapPoller:
         self._failures += 1
         self._last_error = str(exc) if isinstance(exc, ImapError) else describe_error(exc)
         self._last_error_at = self.clock()
+        self._down_since = self._down_since or self._last_error_at
         if isinstance(exc, ImapError):
             log.warning("IMAP %s@%s: %s; reconnecting in %.1fs", self.config.username, self.config.host, exc, delay)
         else:
@@ -248,6 +251,7 @@ class ImapPoller:
             if conn.has("MOVE"):
                 await conn.ensure_mailbox(self.config.processed_mailbox)
             self._connected = True
+            self._down_since = None
             log.info(
                 "IMAP: watching %s@%s:%d/%s (idle=%s, move=%s)", self.config.username, self.config.host,
                 self.config.port, self.config.mailbox, conn.has("IDLE"), conn.has("MOVE"),

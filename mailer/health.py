@@ -243,7 +243,7 @@ def check_liveness(config: Config, problems: _Problems, now: datetime) -> dict[s
                               f"{relay.get('last_error')}")
     imap = live.get("imap")
     if isinstance(imap, dict) and not imap.get("connected"):
-        since_imap: str | None = imap.get("last_error_at") or live.get("started_at")
+        since_imap: str | None = imap.get("disconnected_since") or imap.get("last_error_at") or live.get("started_at")
         problems.degraded(f"IMAP not connected since {_when(since_imap)}: {imap.get('last_error') or imap.get('state')}")
     return live
 
