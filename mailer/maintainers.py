@@ -95,13 +95,21 @@ class Services:
         facts = facts_from_report(ctx.session, report, lambda address: self.member_key_problem(address) is None)
         sent = ctx.session.scalars(select(ScheduledMail).where(ScheduledMail.report_id == report.id)
                                    .order_by(ScheduledMail.due_at))
+        planned = plan(facts, ctx.config, ctx.now)
+        # a reminder line says what it is about (e.g. which embargo member has no usable key)
+        about = {str(i.detail.get("topic")): str(i.context.get("due", "")) for i in planned if i.kind == "reminder"}
+
+        def what(kind: str, detail: dict[str, Any]) -> str:
+            topic = str(detail.get("topic", "")) if kind == "reminder" else ""
+            return f": {about.get(topic) or topic.split(':', 1)[0]}" if topic else ""
+
         lines = [f"{format_local(row.due_at, cfg)}  {row.kind:<15} {row.state}" + (f" ({row.reason})" if row.reason else "")
-                 for row in sent]
+                 + what(row.kind, row.detail or {}) for row in sent]
         recorded = {row.key for row in ctx.session.scalars(select(ScheduledMail).where(ScheduledMail.report_id == report.id))}
-        for item in plan(facts, ctx.config, ctx.now):
+        for item in planned:
             if item.key not in recorded:
                 lines.append(f"{format_local(item.due_at, cfg)}  {item.kind:<15} {item.state}"
-                             + (f" ({item.reason})" if item.reason else ""))
+                             + (f" ({item.reason})" if item.reason else "") + what(str(item.kind), dict(item.detail)))
         return lines
 
 
