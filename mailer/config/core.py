@@ -8,9 +8,18 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from mailer.errors import ConfigError
+from mailer.text import normalise_address
 
 _HOSTPORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
 _FINGERPRINT = re.compile(r"^[0-9A-F]{40}$")
+
+
+def _address(value: str, example: str) -> str:
+    """The one address check (mailer.text), lower-cased; the error says what was expected."""
+    try:
+        return normalise_address(value).lower()
+    except ValueError as exc:
+        raise ValueError(f"expected an email address{' ' + example if example else ''}, got {value!r} ({exc})") from None
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -51,9 +60,7 @@ class ServiceConfig(Section):
     @field_validator("contact")
     @classmethod
     def _contact(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9._+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}", value):
-            raise ValueError(f"expected an email address like security@example.org, got {value!r}")
-        return value.lower()
+        return _address(value, "like security@example.org")
 
     @field_validator("tracking_prefix")
     @classmethod
@@ -233,6 +240,4 @@ class Maintainer(Section):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
-        if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+", value):
-            raise ValueError(f"expected an email address, got {value!r}")
-        return value.lower()
+        return _address(value, "")
