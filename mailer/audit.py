@@ -23,9 +23,9 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from mailer.config import ParsingConfig
@@ -59,11 +59,14 @@ def chain_new_events(session: Session, _flush_context: object) -> None:
     prev = connection.execute(
         update(AuditHead).where(AuditHead.id == 1).values(length=AuditHead.length + len(new)).returning(AuditHead.last_hash)
     ).scalar_one()
+    links = []
     for item in new:
-        content = canonical(item)
-        digest = link(prev, content)
-        connection.execute(update(Event).where(Event.id == item.id).values(prev_hash=prev, hash=digest))
+        digest = link(prev, canonical(item))
+        links.append({"event_id": item.id, "prev": prev, "digest": digest})
         prev = digest
+    events = cast(Table, Event.__table__)
+    connection.execute(update(events).where(events.c.id == bindparam("event_id"))
+                       .values(prev_hash=bindparam("prev"), hash=bindparam("digest")), links)
     connection.execute(update(AuditHead).where(AuditHead.id == 1).values(last_hash=prev))
 
 

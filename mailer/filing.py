@@ -30,14 +30,14 @@ def _add_report_message(ctx: Processing, kind: str) -> ReportMessage:
         },
         created_at=ctx.now,
     )
-    ctx.session.add(message)
     cap = ctx.config.parsing.max_attachment_bytes
-    for item in ctx.attachments:
-        kept = len(item.data) <= cap
-        message.attachments.append(Attachment(
-            filename=item.filename, content_type=item.content_type, size=len(item.data),
-            data=item.data if kept else None, truncated=not kept,
-        ))
+    # the whole collection at once: known to be complete, so reading it later needs no query
+    message.attachments = [
+        Attachment(filename=item.filename, content_type=item.content_type, size=len(item.data),
+                   data=item.data if len(item.data) <= cap else None, truncated=len(item.data) > cap)
+        for item in ctx.attachments
+    ]
+    ctx.session.add(message)
     ctx.report_message = message
     return message
 
@@ -49,8 +49,7 @@ def _record_openpgp_problem(ctx: Processing) -> None:
 
 def _finish(ctx: Processing) -> None:
     _record_openpgp_problem(ctx)
-    ctx.session.flush()
-    ctx.inbound.report_id = ctx.report.id if ctx.report is not None else None
+    ctx.inbound.report = ctx.report
 
 
 def file_report(ctx: Processing) -> None:

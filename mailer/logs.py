@@ -116,12 +116,14 @@ LIFECYCLE = logging.getLogger("mailer.lifecycle")
 
 
 @sa_event.listens_for(Session, "pending_to_persistent")
-def _outgoing_queued(session: Session, instance: object) -> None:
-    """Outgoing mail written in a transaction, for the message's log line (the identity map forgets it)."""
-    from mailer.models import OutboxMessage
+def _written(session: Session, instance: object) -> None:
+    """Outgoing mail and events written in a transaction, for the message's log line (no query needed)."""
+    from mailer.models import Event, OutboxMessage
 
     if isinstance(instance, OutboxMessage):
         session.info.setdefault("outgoing", []).append((instance.id, instance.kind))
+    elif isinstance(instance, Event):
+        session.info.setdefault("events", []).append((instance.id, instance.inbound_id, instance.kind, instance.detail))
 
 
 def received(transport: str, size: int, message_id: str | None, inbound_id: int, duplicate: bool) -> None:
@@ -135,14 +137,10 @@ def received(transport: str, size: int, message_id: str | None, inbound_id: int,
 
 def summarise(ctx: Any) -> dict[str, Any]:
     """What processing one message did (call before its commit; reads only kinds, ids and reasons)."""
-    from sqlalchemy import select
-
-    from mailer.models import Event
-
     session = ctx.session
-    session.flush()
-    events = list(session.execute(select(Event.kind, Event.detail).where(Event.inbound_id == ctx.inbound.id)
-                                  .order_by(Event.id)))
+    session.flush()  # the transaction's last flush: every event and outgoing mail has its id now
+    events = [(kind, detail) for _, inbound_id, kind, detail in sorted(session.info.get("events", []), key=lambda e: e[0])
+              if inbound_id == ctx.inbound.id]
     kinds = [kind for kind, _ in events]
     kind = ctx.kind.value if ctx.kind is not None else None
     summary: dict[str, Any] = {
@@ -190,15 +188,11 @@ def processed(summary: dict[str, Any]) -> None:
               inbound_id=summary.get("inbound_id"))
 
 
-def delivery(session: Any, row: Any, result: str, error: BaseException | None) -> None:
+def delivery(row: Any, result: str, error: BaseException | None, tracking: str | None) -> None:
     """An outgoing mail was sent, deferred or failed (inside the sender's transaction)."""
-    from sqlalchemy import select
-
     from mailer import metrics
-    from mailer.models import Report
 
     metrics.SENDS.labels(result, row.kind).inc()
-    tracking = session.scalar(select(Report.tracking_id).where(Report.id == row.report_id)) if row.report_id else None
     event(LIFECYCLE, f"outbox.{result}", level=logging.WARNING if result == "failed" else logging.INFO,
           outbox_id=row.id, kind=row.kind, tracking_id=tracking, attempts=row.attempts,
           relay=str(error)[:300] if error is not None else "accepted")

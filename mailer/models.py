@@ -94,6 +94,8 @@ class InboundMessage(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(128))
     claimed_until: Mapped[datetime | None] = mapped_column()
 
+    report: Mapped[Report | None] = relationship()
+
     __table_args__ = (
         Index("ix_inbound_state_next", "state", "next_attempt_at"),
         Index("ix_inbound_state_sender", "state", "mail_from", "id"),
@@ -165,6 +167,8 @@ class ReportMessage(Base):
 
     report: Mapped[Report] = relationship(back_populates="messages")
     attachments: Mapped[list[Attachment]] = relationship(order_by="Attachment.id")
+    #: set with the row (no flush needed for its id)
+    outbox: Mapped[OutboxMessage | None] = relationship()
 
 
 class Attachment(Base):

@@ -100,7 +100,7 @@ class Processing:
             return
         self.session.add(ReportMessage(
             report=self.report, direction="out", kind=kind, message_id=outbox.message_id,
-            sender=self.config.service.contact, outbox_id=outbox.id, meta={"to": outbox.rcpt_tos}, created_at=self.now,
+            sender=self.config.service.contact, outbox=outbox, meta={"to": outbox.rcpt_tos}, created_at=self.now,
         ))
 
 

@@ -26,7 +26,8 @@ def _acks_sent_today(ctx: Processing, address: str) -> int:
         OutboxMessage.kind == MailKind.ACK.value,
         OutboxMessage.created_at >= ctx.now - timedelta(days=1),
     )
-    return ctx.session.scalar(query) or 0
+    with ctx.session.no_autoflush:  # counts acks committed before: nothing pending changes it
+        return ctx.session.scalar(query) or 0
 
 
 def ack_blocked(ctx: Processing) -> str | None:
@@ -91,13 +92,16 @@ def acknowledge(ctx: Processing) -> None:
 def _report_thread(ctx: Processing) -> str | None:
     """Maintainers' notices of one report thread under the report's first message."""
     assert ctx.report is not None
+    if ctx.report_message is not None and ctx.report_message.kind == "report":
+        return ctx.report_message.message_id  # this message is the report
     query = (
         select(ReportMessage.message_id)
         .where(ReportMessage.report_id == ctx.report.id, ReportMessage.kind == "report")
         .order_by(ReportMessage.id)
         .limit(1)
     )
-    return ctx.session.scalar(query)
+    with ctx.session.no_autoflush:  # the report's first message was committed with the report
+        return ctx.session.scalar(query)
 
 
 def notice_attachments(ctx: Processing) -> tuple[list[dict[str, object]], tuple[tuple[str, str, bytes], ...]]:

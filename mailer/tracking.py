@@ -47,7 +47,8 @@ def next_value(session: Session, name: str) -> int:
         engine = bind.engine if isinstance(bind, Connection) else bind
         with engine.begin() as conn:
             return int(conn.execute(_bump(name, dialect)).scalar_one())
-    return int(session.execute(_bump(name, dialect)).scalar_one())
+    with session.no_autoflush:  # the counter depends on nothing pending
+        return int(session.execute(_bump(name, dialect)).scalar_one())
 
 
 def allocate(session: Session, prefix: str, now: datetime) -> str:

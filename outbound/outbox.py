@@ -12,6 +12,7 @@ transaction: whether a key is usable decides what the mail may say
 
 from __future__ import annotations
 
+import email
 from datetime import timedelta
 from email import policy
 from email.message import EmailMessage
@@ -23,7 +24,7 @@ from mailer.config import Config
 from mailer.models import OutboxMessage
 from mailer.openpgp import OpenPGP
 from mailer.outgoing import Outgoing
-from outbound.compose import compose, make_environment, new_message_id, render
+from outbound.compose import Attachment, compose, make_environment, new_message_id, render
 from outbound.pgpmime import build_encrypted, sign_bytes
 
 
@@ -40,14 +41,12 @@ class Outbox:
         self.public_key = ""
         self.autocrypt = ""  # the Autocrypt: header value every outgoing mail carries
 
-    def _encrypt(self, message: EmailMessage, outgoing: Outgoing) -> EmailMessage:
-        """Encrypt (and sign) with the report's attachments inside. :raises CryptoError: when a key is unusable."""
-        for name, ctype, data in outgoing.attachments:  # report content: only ever inside the encryption
-            maintype, _, subtype = ctype.partition("/")
-            if maintype in ("multipart", "message") or not subtype:
-                maintype, subtype = "application", "octet-stream"
-            message.add_attachment(data, maintype=maintype, subtype=subtype, filename=name or "attachment")
-        return build_encrypted(message, self.gpg, list(outgoing.encrypt_to), key_blob=outgoing.key_blob, sign=True)
+    def _encrypt(self, raw: bytes, outgoing: Outgoing) -> bytes:
+        """Encrypt (and sign) the composed mail. :raises CryptoError: when a key is unusable."""
+        message = email.message_from_bytes(raw, policy=policy.SMTP)
+        assert isinstance(message, EmailMessage)
+        encrypted = build_encrypted(message, self.gpg, list(outgoing.encrypt_to), key_blob=outgoing.key_blob, sign=True)
+        return encrypted.as_bytes(policy=policy.SMTP)
 
     def sign(self, raw: bytes) -> bytes:
         """The signed form of a message queued unsigned (the sender calls this). :raises CryptoError:"""
@@ -59,14 +58,15 @@ class Outbox:
                    **outgoing.context}
         body = render(self.env, outgoing.template, context)
         message_id = new_message_id(self.config)
-        message = compose(self.config, outgoing, body, message_id=message_id, now=now, autocrypt=self.autocrypt)
+        attachments: list[Attachment] = []
         if outgoing.attach_key:
-            message.add_attachment(
-                self.public_key.encode("ascii"), maintype="application", subtype="pgp-keys",
-                filename=f"{self.config.service.contact}.asc",
-            )
+            attachments.append((f"{self.config.service.contact}.asc", "application/pgp-keys", self.public_key.encode("ascii")))
+        if outgoing.encrypted:  # report content (its attachments): only ever inside the encryption
+            attachments.extend(outgoing.attachments)
+        raw = compose(self.config, outgoing, body, message_id=message_id, now=now, autocrypt=self.autocrypt,
+                      attachments=attachments)
         if outgoing.encrypted:
-            message = self._encrypt(message, outgoing)
+            raw = self._encrypt(raw, outgoing)
         row = OutboxMessage(
             kind=outgoing.kind.value,
             report_id=outgoing.report_id,
@@ -74,13 +74,12 @@ class Outbox:
             mail_from=self.config.service.contact,
             rcpt_tos=[outgoing.to],
             rate_key=outgoing.rate_key,
-            raw=message.as_bytes(policy=policy.SMTP),
+            raw=raw,
             needs_signature=not outgoing.encrypted,
             created_at=now,
             next_attempt_at=now,
             deliver_until=now + timedelta(hours=self.config.relay.retry_hours),
         )
-        session.add(row)
-        session.flush()
+        session.add(row)  # flushed with the rest of the transaction (the caller links to the object, not its id)
         return row
 

@@ -13,12 +13,13 @@ import copy
 import email
 import email.policy
 import quopri
-import secrets
+import re
 from collections.abc import Iterable
 from email.message import EmailMessage, Message
 
 from mailer.mimetree import normalise_crlf
 from mailer.openpgp import CryptoError, OpenPGP
+from outbound.compose import boundary, field
 
 __all__ = ["ENCRYPTED_SUBJECT", "build_encrypted", "build_signed", "sign_bytes"]
 
@@ -63,13 +64,6 @@ def _serialise(entity: Message) -> bytes:
     return entity.as_bytes(policy=email.policy.SMTP)
 
 
-def _boundary(*avoid: bytes) -> str:
-    while True:
-        candidate = "=-" + secrets.token_hex(12)
-        if not any(candidate.encode() in data for data in avoid):
-            return candidate
-
-
 def _wrapper(msg: EmailMessage, content_type: str, parts: Iterable[Message], preamble: str) -> EmailMessage:
     out = EmailMessage(policy=email.policy.SMTP)
     for name, value in msg.items():
@@ -91,11 +85,11 @@ def _signed_entity(inner: EmailMessage, gpg: OpenPGP, outer: EmailMessage) -> Em
     sig["Content-Description"] = "OpenPGP digital signature"
     sig["Content-Disposition"] = 'attachment; filename="signature.asc"'
     sig.set_payload(signature.signature.decode("ascii"))
-    boundary = _boundary(signed_bytes)
+    mark = boundary(signed_bytes)
     content_type = (f'multipart/signed; micalg="{signature.micalg}"; '
-                    f'protocol="application/pgp-signature"; boundary="{boundary}"')
+                    f'protocol="application/pgp-signature"; boundary="{mark}"')
     wrapped = _wrapper(outer, content_type, [first, sig], _SIGNED_PREAMBLE)
-    if b"\r\n" + signed_bytes + b"\r\n--" + boundary.encode() not in _serialise(wrapped):
+    if b"\r\n" + signed_bytes + b"\r\n--" + mark.encode() not in _serialise(wrapped):
         raise CryptoError("signed part does not serialise to the signed bytes")
     return wrapped
 
@@ -103,38 +97,78 @@ def _signed_entity(inner: EmailMessage, gpg: OpenPGP, outer: EmailMessage) -> Em
 _SIGNED_PREAMBLE = "This is an OpenPGP/MIME signed message (RFC 4880 and 3156)"
 
 
-def sign_bytes(raw: bytes, gpg: OpenPGP) -> bytes:
-    """:func:`build_signed` for a queued message: bytes in, bytes out, parsed once and serialised once.
+_FIELD_NAME = re.compile(rb"^[\x21-\x39\x3b-\x7e]+$")  # RFC 5322 §3.6.8 field name
 
-    The wrapper is assembled around the signed bytes themselves, so the first
-    part is byte for byte what was signed (no re-parse, no copy of the message).
+
+def _split_plain(raw: bytes) -> tuple[bytes, bytes] | None:
+    """(outer header fields, body entity) of a 7bit CRLF message, byte for byte; None for anything else.
+
+    The entity is the message's Content-* fields and body exactly as queued:
+    signing it needs no re-parse and no re-serialisation.
     """
-    msg = email.message_from_bytes(raw, policy=email.policy.SMTP)
-    outer = [(k, v) for k, v in msg.items() if not k.lower().startswith("content-") and k.lower() != "mime-version"]
-    for name in {k.lower() for k in msg}:
-        if not name.startswith("content-"):
-            del msg[name]
-    if msg.get("Content-Type") is None:
-        msg["Content-Type"] = "text/plain; charset=us-ascii"
-    _make_7bit(msg)
-    signed_bytes = _serialise(msg)
+    end = raw.find(b"\r\n\r\n")
+    crlf = raw.count(b"\r\n")
+    if end < 0 or not raw.isascii() or raw.count(b"\n") != crlf or raw.count(b"\r") != crlf:
+        return None
+    if any(len(line) > 998 for line in raw.split(b"\r\n")):
+        return None
+    outer: list[bytes] = []
+    content: list[bytes] = []
+    current: list[bytes] | None = None
+    for line in raw[:end].split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if current is None:
+                return None
+            current[-1] += b"\r\n" + line
+            continue
+        name, colon, _ = line.partition(b":")
+        if not colon or not _FIELD_NAME.match(name):
+            return None
+        lower = name.lower()
+        current = content if lower.startswith(b"content-") else outer if lower != b"mime-version" else []
+        current.append(line)
+    content = content or [b"Content-Type: text/plain; charset=us-ascii"]
+    return (b"".join(f + b"\r\n" for f in outer),
+            b"".join(f + b"\r\n" for f in content) + raw[end + 2:])
+
+
+def _signature_part(signature: bytes) -> bytes:
+    armor = signature.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return (b'Content-Type: application/pgp-signature; name="signature.asc"\r\n'
+            b"Content-Description: OpenPGP digital signature\r\n"
+            b'Content-Disposition: attachment; filename="signature.asc"\r\n\r\n'
+            + armor + (b"" if armor.endswith(b"\r\n") else b"\r\n"))
+
+
+def sign_bytes(raw: bytes, gpg: OpenPGP) -> bytes:
+    """:func:`build_signed` for a queued message: bytes in, bytes out.
+
+    A 7bit CRLF message (all the service composes, :mod:`outbound.compose`)
+    is wrapped around its own bytes: the first part is byte for byte what was
+    signed, with no parse and no copy of the message. Anything else is parsed,
+    re-encoded to 7bit and serialised first.
+    """
+    split = _split_plain(raw)
+    if split is None:
+        split = _split_plain(_serialise(_reencoded(raw)))
+        if split is None:
+            raise CryptoError("message cannot be made 7bit for signing")
+    outer, signed_bytes = split
     signature = gpg.sign_detached(signed_bytes)
-    boundary = _boundary(signed_bytes)
-    head = EmailMessage(policy=email.policy.SMTP)
-    for name, value in outer:
-        head[name] = value
-    head["MIME-Version"] = "1.0"
-    head["Content-Type"] = (f'multipart/signed; micalg="{signature.micalg}"; '
-                            f'protocol="application/pgp-signature"; boundary="{boundary}"')
-    sig = EmailMessage(policy=email.policy.SMTP)
-    sig["Content-Type"] = 'application/pgp-signature; name="signature.asc"'
-    sig["Content-Description"] = "OpenPGP digital signature"
-    sig["Content-Disposition"] = 'attachment; filename="signature.asc"'
-    sig.set_payload(signature.signature.decode("ascii"))
-    delimiter = b"\r\n--" + boundary.encode("ascii")
-    header_block = b"".join(head.policy.fold_binary(name, value) for name, value in head.items()) + b"\r\n"
-    return (header_block + _SIGNED_PREAMBLE.encode("ascii") + delimiter + b"\r\n" + signed_bytes
-            + delimiter + b"\r\n" + _serialise(sig) + delimiter + b"--\r\n")
+    mark = boundary(signed_bytes)
+    content_type = (f'multipart/signed; micalg="{signature.micalg}"; '
+                    f'protocol="application/pgp-signature"; boundary="{mark}"')
+    delimiter = b"\r\n--" + mark.encode("ascii")
+    return (outer + b"MIME-Version: 1.0\r\n" + field("Content-Type", content_type) + b"\r\n"
+            + _SIGNED_PREAMBLE.encode("ascii") + delimiter + b"\r\n" + signed_bytes
+            + delimiter + b"\r\n" + _signature_part(signature.signature) + delimiter + b"--\r\n")
+
+
+def _reencoded(raw: bytes) -> EmailMessage:
+    msg = email.message_from_bytes(raw, policy=email.policy.SMTP)
+    assert isinstance(msg, EmailMessage)
+    _make_7bit(msg)
+    return msg
 
 
 def build_signed(msg: EmailMessage, gpg: OpenPGP) -> EmailMessage:
@@ -178,8 +212,8 @@ def build_encrypted(msg: EmailMessage, gpg: OpenPGP, recipients: list[str], *, k
     body["Content-Description"] = "OpenPGP encrypted message"
     body["Content-Disposition"] = 'inline; filename="encrypted.asc"'
     body.set_payload(ciphertext.decode("ascii"))
-    boundary = _boundary(ciphertext)
-    content_type = f'multipart/encrypted; protocol="application/pgp-encrypted"; boundary="{boundary}"'
+    mark = boundary(ciphertext)
+    content_type = f'multipart/encrypted; protocol="application/pgp-encrypted"; boundary="{mark}"'
     outer = _wrapper(msg, content_type, [control, body],
                      "This is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)")
     if protect_subject and outer.get("Subject") is not None:

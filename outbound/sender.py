@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 import aiosmtplib
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from mailer import logs
@@ -30,7 +30,7 @@ from mailer.config import RelayConfig
 from mailer.db import Database, claim, claimable, release_claims, renew_claims
 from mailer.errors import DeliveryError
 from mailer.loop import backoff, run_every
-from mailer.models import Event, OutboxMessage, OutboxState
+from mailer.models import Event, OutboxMessage, OutboxState, Report
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,11 @@ class Sender:
                 select(OutboxMessage).where(OutboxMessage.id.in_([row_id for row_id, _ in outcomes])).with_for_update()
             )
             by_id = {row.id: row for row in rows}
+            report_ids = {row.report_id for row in by_id.values() if row.report_id is not None}
+            tracking: dict[int, str] = {}
+            if report_ids:
+                query = select(Report.id, Report.tracking_id).where(Report.id.in_(report_ids))
+                tracking.update((report_id, tracking_id) for report_id, tracking_id in session.execute(query))
             for row_id, error in outcomes:
                 row = by_id.get(row_id)
                 if row is None:  # removed meanwhile (`mailer outbox dismiss`, retention)
@@ -228,24 +233,25 @@ class Sender:
                 if row.claimed_by not in (None, self.db.owner) or row.state != OutboxState.PENDING.value:
                     log.warning("outgoing message %s was taken over by %s while we sent it", row.id, row.claimed_by)
                     continue
-                self._apply(session, row, error, now)
+                self._apply(session, row, error, now, tracking.get(row.report_id or 0))
 
-    def _apply(self, session: Session, row: OutboxMessage, error: DeliveryError | None, now: datetime) -> None:
+    def _apply(self, session: Session, row: OutboxMessage, error: DeliveryError | None, now: datetime,
+               tracking: str | None) -> None:
         row.attempts += 1
         row.claimed_by = row.claimed_until = None
         if error is None:
             row.state, row.sent_at, row.last_error = OutboxState.SENT.value, now, None
-            logs.delivery(session, row, "sent", None)
+            logs.delivery(row, "sent", None, tracking)
             return
         row.last_error = str(error)[:4000]
         expired = now >= row.deliver_until
         if error.temporary and not expired:
             delay = backoff(row.attempts, base=RETRY_BASE.total_seconds(), cap=MAX_BACKOFF.total_seconds())
             row.next_attempt_at = now + timedelta(seconds=delay)
-            logs.delivery(session, row, "deferred", error)
+            logs.delivery(row, "deferred", error, tracking)
             return
         row.state = OutboxState.FAILED.value
-        logs.delivery(session, row, "failed", error)
+        logs.delivery(row, "failed", error, tracking)
         reason = "retry deadline passed" if error.temporary else "permanent failure"
         log.error("ALERT: outgoing message %s to %s not delivered (%s): %s", row.id, row.rcpt_tos, reason, error)
         session.add(
@@ -333,11 +339,14 @@ class Sender:
         return failed
 
     def _store_signed(self, signed: list[tuple[int, bytes]]) -> None:
+        """One statement for the batch; a row no longer ours (or already signed) is left alone."""
+        table = cast(Table, OutboxMessage.__table__)
+        store = (update(table)
+                 .where(table.c.id == bindparam("row_id"), table.c.needs_signature.is_(True),
+                        table.c.claimed_by == self.db.owner)
+                 .values(raw=bindparam("signed", type_=table.c.raw.type), needs_signature=False))
         with self.db.session() as session:
-            for row_id, raw in signed:
-                row = session.get(OutboxMessage, row_id, with_for_update=True)
-                if row is not None and row.needs_signature and row.claimed_by == self.db.owner:
-                    row.raw, row.needs_signature = raw, False
+            session.connection().execute(store, [{"row_id": row_id, "signed": raw} for row_id, raw in signed])
 
     async def _flush(self, outcomes: list[tuple[int, DeliveryError | None]]) -> None:
         batch = list(outcomes)
