@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from inbound.smtp import Gate, IntakeHandler, start_listener
-from mailer import atrest
+from mailer import atrest, workerproc
 from mailer.classify import is_own_address
 from mailer.clock import SYSTEM, Clock
 from mailer.config import Config, check_files, check_private_files, private_dir
@@ -92,6 +92,7 @@ class Service:
         private_dir(config.service.data_dir)  # 0700 whatever the umask, before anything is created in it
         install_data_key(config)
         self.db = db or Database(config.database_url)
+        self._own_db = db is None
         self.writer = IntakeWriter(self.db)
         self.clock = clock
         self.gpg = open_keyring(config)
@@ -135,6 +136,17 @@ class Service:
             if problem:
                 log.warning("maintainer %s: %s; they get notices without report content", maintainer.address, problem)
         return fingerprint
+
+    def _worker_processes(self, fingerprint: str) -> None:
+        """``worker.processes``: the pipeline in processes of its own (threads when a test drives the clock or the database)."""
+        processes = self.config.worker.processes
+        if not processes or self.clock is not SYSTEM or not self._own_db or self.db.engine.url.database in (None, "", ":memory:"):
+            return
+        key = workerproc.ServiceKey(fingerprint, self.outbox.public_key, self.outbox.autocrypt)
+        level, fmt = workerproc.log_settings()
+        config, owner = self.config, self.db.owner
+        self.worker.use_processes(lambda: workerproc.start_pool(config, owner, key, log_level=level, log_format=fmt),
+                                  processes)
 
     def health(self) -> dict[str, Any]:
         """What this process is doing, JSON-ready (written to <data_dir>/health.json by the running service)."""
@@ -214,10 +226,11 @@ class Service:
         await asyncio.to_thread(self._single_instance)
         try:
             await asyncio.to_thread(atrest.seal_legacy, self.db.engine)  # values stored in the clear before 0006
-            await asyncio.to_thread(self._prepare_keys)
+            fingerprint = await asyncio.to_thread(self._prepare_keys)
         except BaseException:
             self._unlock()  # a start that fails leaves the database free for the next attempt
             raise
+        self._worker_processes(fingerprint)
         for name, section in (("smtp", self.config.smtp), ("lmtp", self.config.lmtp)):
             if section.address is None:
                 continue

@@ -64,7 +64,9 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         # Take the write lock at BEGIN: a transaction never has to upgrade a stale read snapshot.
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        # (a reading session, Database.reading(), begins a plain read transaction instead)
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql(
+            "BEGIN" if conn.get_execution_options().get("mailer_reading") else "BEGIN IMMEDIATE"))
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
@@ -98,6 +100,43 @@ def new_owner() -> str:
     return f"{socket.gethostname()[:80]}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
+class WriteLock:
+    """The SQLite writer's turn: a thread lock, and a file lock beside the database for other processes.
+
+    A writer that finds SQLite locked sleeps in its busy handler (1, 2, 5, 10,
+    ... ms) and the lock often sits free while every writer sleeps; waiting
+    here, the next writer wakes the moment the last one commits. The file lock
+    (``flock``, released by the kernel if the process dies) serves the worker
+    processes (``worker.processes``) and the CLI beside the service.
+    """
+
+    def __init__(self, database: Path | None) -> None:
+        self._threads = threading.RLock()
+        self._depth = 0  # re-entry by the holding thread: the file lock is taken once
+        self._path = None if database is None else database.with_name(database.name + ".writer")
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        self._threads.acquire()
+        try:
+            if self._depth == 0 and self._path is not None:
+                if self._fd is None:
+                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
+        self._depth += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        self._depth -= 1
+        try:
+            if self._depth == 0 and self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._threads.release()
+
+
 class Database:
     """Owns the engine and hands out transactional sessions."""
 
@@ -108,9 +147,9 @@ class Database:
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         event.listen(self._sessions, "after_flush", chain_new_events)  # the audit chain (mailer.audit)
-        # SQLite has one writer; queueing our own threads on a lock is far cheaper
-        # than letting them sleep in SQLite's busy handler. PostgreSQL needs none.
-        self._write_lock: threading.RLock | None = threading.RLock() if url.startswith("sqlite") else None
+        # SQLite has one writer; queueing our own threads and processes on a lock is far
+        # cheaper than letting them sleep in SQLite's busy handler. PostgreSQL needs none.
+        self._write_lock: WriteLock | None = WriteLock(self.sqlite_path()) if url.startswith("sqlite") else None
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -120,6 +159,12 @@ class Database:
                 yield session
             return
         with self._write_lock, self._sessions() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session that only reads: no write lock (SQLite's WAL readers run beside the writer)."""
+        with self._sessions(bind=self.engine.execution_options(mailer_reading=True)) as session, session.begin():
             yield session
 
     @property

@@ -29,6 +29,8 @@ from mailer.processing import Processing, Step
 from mailer.replies import acknowledge, answer_sendkey, notify_maintainers
 
 PREPARE: tuple[Step, ...] = (parse, unwrap_openpgp, classify)
+#: the steps that read only the message (and the keyring): run before the write transaction
+UNLOCKED: frozenset[Step] = frozenset({parse, unwrap_openpgp})
 
 ROUTES: Mapping[MessageKind, tuple[Step, ...]] = {
     MessageKind.NEW: (file_report, bind_keys, acknowledge, notify_maintainers),
@@ -49,9 +51,24 @@ class Pipeline:
     routes: Mapping[MessageKind, tuple[Step, ...]] = field(default_factory=lambda: dict(ROUTES))
 
     def run(self, ctx: Processing) -> None:
-        _run_steps(ctx, self.prepare)
+        self.read(ctx)
+        self.write(ctx)
+
+    def read(self, ctx: Processing) -> None:
+        """The leading steps that need no database (parsing, decryption): outside the write lock."""
+        _run_steps(ctx, self._leading())
+
+    def write(self, ctx: Processing) -> None:
+        """The rest of the preparation, then the route of the kind classification chose."""
+        _run_steps(ctx, self.prepare[len(self._leading()):])
         assert ctx.kind is not None, "classification chose no route"
         _run_steps(ctx, self.routes[ctx.kind])
+
+    def _leading(self) -> tuple[Step, ...]:
+        count = 0
+        while count < len(self.prepare) and self.prepare[count] in UNLOCKED:
+            count += 1
+        return self.prepare[:count]
 
 
 def _run_steps(ctx: Processing, steps: tuple[Step, ...]) -> None:

@@ -53,6 +53,13 @@ class Processing:
     report: Report | None = None
     report_message: ReportMessage | None = None
 
+    def carried_to(self, session: Session, inbound: InboundMessage, now: datetime) -> Processing:
+        """A new context in ``session`` with what the steps run so far found (the message's views)."""
+        return Processing(session, self.config, self.postman, self.gpg, inbound, now,
+                          envelope_from=self.envelope_from, envelope_unknown=self.envelope_unknown,
+                          message=self.message, protected=self.protected, encrypted_input=self.encrypted_input,
+                          kind=self.kind)
+
     @property
     def m(self) -> Parsed:
         """The parsed message (set by the first step, ``parse``)."""

@@ -28,12 +28,15 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 
-from mailer import logs
+from mailer import logs, workerproc
 from mailer.clock import SYSTEM, Clock
 from mailer.config import Config
 from mailer.db import Database, claim, claimable
@@ -49,6 +52,24 @@ from mailer.processing import Processing
 log = logging.getLogger(__name__)
 
 WAITING = (InboundState.RECEIVED.value, InboundState.RETRY.value)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What processing one message did, for the process that logs and counts (it may not be the one that processed)."""
+
+    inbound_id: int
+    completed: bool = False
+    summary: dict[str, Any] | None = None
+    failed_step: str | None = None  # a failure was recorded (retry or failed)
+
+
+def report(outcome: Outcome) -> None:
+    """The message's log line and counters, after its commit."""
+    if outcome.summary is not None:
+        logs.processed(dict(outcome.summary))
+    if outcome.failed_step is not None:
+        FAILURES.labels(outcome.failed_step).inc()
 
 
 class Worker:
@@ -80,10 +101,13 @@ class Worker:
         self.lease = config.worker.lease_seconds
         #: False once shutdown began: nothing new is claimed
         self.accepting = True
-        self._inflight: dict[asyncio.Future[bool], tuple[int, str]] = {}
+        self._inflight: dict[asyncio.Future[Outcome], tuple[int, str]] = {}
         self._served: dict[str, int] = {}  # sender -> the turn it was last served in (round-robin)
         self._turn = 0
         self._executor: ThreadPoolExecutor | None = None
+        #: worker processes (``worker.processes``): made on first use, remade after one died
+        self._processes: Callable[[], Executor] | None = None
+        self._process_pool: Executor | None = None
 
     # ------------------------------------------------------------------ claiming
 
@@ -109,12 +133,16 @@ class Worker:
         if skip:
             query = query.where(InboundMessage.id.not_in(sorted(skip)))
         query = query.group_by(InboundMessage.mail_from).order_by(head).limit(self.SENDERS_CONSIDERED)
-        with self.db.session() as session:
+        # the choice is read outside the write lock; the claim re-checks it (a row or sender taken meanwhile is skipped)
+        with self.db.reading() as session:
             heads = {id_: sender for id_, sender in session.execute(query)}
-            # round-robin: the sender served longest ago (or never) first, then the oldest message
-            candidates = sorted(heads, key=lambda id_: (self._served.get(heads[id_], 0), id_))[:limit]
+        # round-robin: the sender served longest ago (or never) first, then the oldest message
+        candidates = sorted(heads, key=lambda id_: (self._served.get(heads[id_], 0), id_))[:limit]
+        if not candidates:
+            return []
+        with self.db.session() as session:
             got = claim(session, InboundMessage, candidates, owner=self.db.owner, now=now, lease=self.lease,
-                        where=InboundMessage.state.in_(WAITING))
+                        where=and_(InboundMessage.state.in_(WAITING), InboundMessage.mail_from.not_in(held)))
         for id_ in got:
             self._turn += 1
             self._served[heads[id_]] = self._turn
@@ -138,38 +166,55 @@ class Worker:
     # ------------------------------------------------------------------ one message
 
     def process(self, inbound_id: int) -> bool:
-        """Run the pipeline for one message we claimed; True when it completed."""
+        """Run the pipeline for one message we claimed, log and count it; True when it completed."""
+        outcome = self.process_one(inbound_id)
+        report(outcome)
+        return outcome.completed
+
+    def process_one(self, inbound_id: int) -> Outcome:
+        """The pipeline for one message we claimed, in one transaction (here or in a worker process)."""
         try:
+            # parsing and decryption first, outside the write transaction (SQLite has one writer)
+            with self.db.reading() as session:
+                inbound = self._ours(session.get(InboundMessage, inbound_id), inbound_id)
+                if inbound is None:
+                    return Outcome(inbound_id)
+                read = Processing(session, self.config, self.postman, self.gpg, inbound, self.clock())
+                self.pipeline.read(read)
             with self.db.session() as session:
                 # the row lock: a second instance whose claim raced ours waits here, then sees it done
-                inbound = session.get(InboundMessage, inbound_id, with_for_update=True)
-                if inbound is None or inbound.state not in WAITING:
-                    return False
-                if inbound.claimed_by not in (None, self.db.owner):
-                    log.info("message %s was taken over by %s (our claim expired); skipped", inbound_id, inbound.claimed_by)
-                    return False
-                ctx = Processing(session, self.config, self.postman, self.gpg, inbound, self.clock())
-                self.pipeline.run(ctx)
+                inbound = self._ours(session.get(InboundMessage, inbound_id, with_for_update=True), inbound_id)
+                if inbound is None:
+                    return Outcome(inbound_id)
+                ctx = read.carried_to(session, inbound, self.clock())
+                self.pipeline.write(ctx)
                 summary = logs.summarise(ctx)
                 inbound.state = InboundState.DONE.value
                 inbound.processed_at = ctx.now
                 inbound.failed_step = inbound.last_error = None
                 inbound.claimed_by = inbound.claimed_until = None
-            logs.processed(summary)  # one line per message, after the commit
-            return True
+            return Outcome(inbound_id, completed=True, summary=summary)
         except StepError as exc:
-            self._record_failure(inbound_id, exc.step, exc)
+            return self._record_failure(inbound_id, exc.step, exc)
         except Exception as exc:  # noqa: BLE001 - e.g. the database went away mid-commit
-            self._record_failure(inbound_id, "commit", exc)
-        return False
+            return self._record_failure(inbound_id, "commit", exc)
 
-    def _record_failure(self, inbound_id: int, step: str, exc: BaseException) -> None:
+    def _ours(self, inbound: InboundMessage | None, inbound_id: int) -> InboundMessage | None:
+        """The message when it is still waiting and not taken over by another instance."""
+        if inbound is None or inbound.state not in WAITING:
+            return None
+        if inbound.claimed_by not in (None, self.db.owner):
+            log.info("message %s was taken over by %s (our claim expired); skipped", inbound_id, inbound.claimed_by)
+            return None
+        return inbound
+
+    def _record_failure(self, inbound_id: int, step: str, exc: BaseException) -> Outcome:
         log.error("message %s failed in step %s: %s", inbound_id, step, exc, exc_info=exc)
-        FAILURES.labels(step).inc()
+        outcome = Outcome(inbound_id, failed_step=step)
         with self.db.session() as session:
             inbound = session.get(InboundMessage, inbound_id, with_for_update=True)
             if inbound is None or inbound.state not in WAITING or inbound.claimed_by not in (None, self.db.owner):
-                return
+                return outcome
             inbound.attempts += 1
             inbound.failed_step = step
             inbound.last_error = f"{type(exc).__name__}: {exc}"[:4000]
@@ -181,6 +226,7 @@ class Worker:
                 delay = backoff(inbound.attempts, base=self.config.worker.retry_base_seconds, cap=math.inf)
                 inbound.state = InboundState.RETRY.value
                 inbound.next_attempt_at = self.clock() + timedelta(seconds=delay)
+        return outcome
 
     def release(self, ids: list[int]) -> None:
         """Hand back claims we will not process (shutdown)."""
@@ -194,10 +240,36 @@ class Worker:
 
     # ------------------------------------------------------------------ the loop
 
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="worker")
-        return self._executor
+    def use_processes(self, pool: Callable[[], Executor], processes: int) -> None:
+        """Process in worker processes (:mod:`mailer.workerproc`), ``pool()`` making the pool, instead of threads.
+
+        One message more than there are processes is in flight, so a process
+        never waits for the next claim.
+        """
+        self._processes = pool
+        self.concurrency = min(self.config.worker.concurrency, processes + 1)
+
+    def _run_one(self, loop: asyncio.AbstractEventLoop, inbound_id: int) -> asyncio.Future[Outcome]:
+        if self._processes is None:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="worker")
+            return loop.run_in_executor(self._executor, self.process_one, inbound_id)
+        if self._process_pool is not None:
+            try:
+                return loop.run_in_executor(self._process_pool, workerproc.process, inbound_id)
+            except BrokenProcessPool:  # a process died while idle: the pool refuses new work
+                log.error("a worker process died; starting new ones")
+                self._process_pool.shutdown(wait=False, cancel_futures=True)
+        self._process_pool = self._processes()
+        return loop.run_in_executor(self._process_pool, workerproc.process, inbound_id)
+
+    def _lost(self, inbound_id: int, exc: BaseException) -> Outcome:
+        """A worker process died with the message (its transaction rolled back): a failed attempt; a new pool."""
+        pool, self._process_pool = self._process_pool, None
+        if pool is not None:
+            log.error("a worker process died (%s); starting new ones", exc or type(exc).__name__)
+            pool.shutdown(wait=False, cancel_futures=True)
+        return self._record_failure(inbound_id, "worker process", exc)
 
     async def drain(self) -> int:
         """Process every message due now, up to ``concurrency`` at once; returns how many completed.
@@ -215,14 +287,13 @@ class Worker:
                 busy = frozenset(sender for _, sender in self._inflight.values())
                 self.wake.clear()
                 for inbound_id, sender in await asyncio.to_thread(self.claim, free, busy=busy, skip=frozenset(failed)):
-                    future = loop.run_in_executor(self._pool(), self.process, inbound_id)
-                    self._inflight[future] = (inbound_id, sender)
+                    self._inflight[self._run_one(loop, inbound_id)] = (inbound_id, sender)
             if not self._inflight:
                 return done
             # a shutdown cancel lets the messages' transactions finish (see finish()) instead of abandoning them
             # new mail wakes us only while a slot is free (else the wake-up would spin)
             room = self.accepting and len(self._inflight) < self.concurrency
-            waker: asyncio.Future[bool] = asyncio.ensure_future(self.wake.wait() if room else asyncio.Event().wait())
+            waker: asyncio.Future[Any] = asyncio.ensure_future(self.wake.wait() if room else asyncio.Event().wait())
             try:
                 finished, _ = await asyncio.wait({*self._inflight, waker}, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -232,7 +303,12 @@ class Worker:
                 if future is waker:
                     continue
                 inbound_id, _sender = self._inflight.pop(future)
-                if future.result():
+                try:
+                    outcome = future.result()
+                except Exception as exc:  # noqa: BLE001 - a worker process died (BrokenProcessPool)
+                    outcome = await asyncio.to_thread(self._lost, inbound_id, exc)
+                report(outcome)
+                if outcome.completed:
                     completed += 1
                 else:
                     failed.add(inbound_id)
@@ -248,10 +324,14 @@ class Worker:
         for future in [f for f in self._inflight if f.done()]:
             del self._inflight[future]
             with contextlib.suppress(Exception):
-                future.result()
+                report(future.result())
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+        if self._process_pool is not None:
+            pool, self._process_pool = self._process_pool, None
+            # idle processes exit now; one still busy past the grace period finishes its message, then exits
+            await asyncio.to_thread(pool.shutdown, wait=not self._inflight, cancel_futures=True)
         if self._inflight:
             log.warning("%d message(s) still being processed at the end of the shutdown grace period; "
                         "their claims expire after %.0f s", len(self._inflight), self.lease)

@@ -195,17 +195,21 @@ class Sender:
 
     def _claim(self, skip: frozenset[int] = frozenset()) -> list[OutboxMessage]:
         now = self.clock()
+        due = (
+            select(OutboxMessage.id)
+            .where(OutboxMessage.state == OutboxState.PENDING.value, OutboxMessage.next_attempt_at <= now,
+                   claimable(OutboxMessage, now))
+            .order_by(OutboxMessage.id)
+            .limit(self.BATCH)
+        )
+        if skip:
+            due = due.where(OutboxMessage.id.not_in(sorted(skip)))
+        with self.db.reading() as session:  # outside the write lock; the claim re-checks every row
+            candidates = list(session.scalars(due))
+        if not candidates:
+            return []
         with self.db.session() as session:
-            due = (
-                select(OutboxMessage.id)
-                .where(OutboxMessage.state == OutboxState.PENDING.value, OutboxMessage.next_attempt_at <= now,
-                       claimable(OutboxMessage, now))
-                .order_by(OutboxMessage.id)
-                .limit(self.BATCH)
-            )
-            if skip:
-                due = due.where(OutboxMessage.id.not_in(sorted(skip)))
-            got = claim(session, OutboxMessage, list(session.scalars(due)), owner=self.db.owner, now=now, lease=self.lease,
+            got = claim(session, OutboxMessage, candidates, owner=self.db.owner, now=now, lease=self.lease,
                         where=OutboxMessage.state == OutboxState.PENDING.value)
             if not got:
                 return []

@@ -10,6 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 
 from mailer.db import Database
@@ -46,8 +47,33 @@ def deliver(port: int, raw: bytes, sender: str) -> bool:
         return False
 
 
-async def test_sigkill_mid_burst_then_redelivery_gives_each_report_once(migrated: str, relay: CaptureRelay, tmp_path: Path) -> None:
-    """Kill -9 during a burst; the 'MTA' retries what got no 250; after restart every report exists once with one ack."""
+def worker_processes(pid: int) -> list[int]:
+    """The multiprocessing children of ``pid`` (not its gpg calls)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat, cmdline = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"multiprocessing" in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a reaper)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("processes", [0, 1], ids=["threads", "worker-process"])
+async def test_sigkill_mid_burst_then_redelivery_gives_each_report_once(migrated: str, relay: CaptureRelay, tmp_path: Path,
+                                                                         processes: int) -> None:
+    """Kill -9 during a burst; the 'MTA' retries what got no 250; after restart every report exists once with one ack.
+    With a worker process, it dies with the service (no orphan keeps a claim or the database)."""
     port = free_port()
     env = {
         "MAILER_DATABASE_URL": migrated,
@@ -57,6 +83,7 @@ async def test_sigkill_mid_burst_then_redelivery_gives_each_report_once(migrated
         "MAILER_SERVICE_DATA_DIR": str(tmp_path / "var"),
         "MAILER_SERVICE_ACKS_PER_SENDER_PER_DAY": "100",
         "MAILER_WORKER_POLL_SECONDS": "0.2",
+        "MAILER_WORKER_PROCESSES": str(processes),
     }
     messages = [report_bytes(msgid=f"<burst-{i}@reporter.test>", body=f"Description: bug number {i}\n") for i in range(30)]
     proc = await start_service(env)
@@ -66,8 +93,19 @@ async def test_sigkill_mid_burst_then_redelivery_gives_each_report_once(migrated
             if await asyncio.to_thread(deliver, port, raw, f"r{i}@reporter.test"):
                 accepted.add(i)
             if i == 14:
+                children: list[int] = []
+                for _ in range(200 if processes else 0):  # the worker process starts with the first message
+                    if children := worker_processes(proc.pid):
+                        break
+                    await asyncio.sleep(0.05)
+                assert bool(children) == bool(processes), children
                 proc.send_signal(signal.SIGKILL)
                 await proc.wait()
+                for _ in range(100):
+                    if not any(alive(child) for child in children):
+                        break
+                    await asyncio.sleep(0.05)
+                assert not any(alive(child) for child in children), "a worker process outlived the service"
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -3,12 +3,16 @@ speed is measured by bench/intake.py and bench/flood.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
+import os
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from mailer.app import Service
 from mailer.models import InboundMessage, Report
@@ -21,10 +25,9 @@ MAINTAINERS = {"mara@project.test", "max@project.test"}
 
 @pytest.fixture
 async def started(request: pytest.FixtureRequest, tmp_path: Path, migrated: str, relay: CaptureRelay) -> AsyncIterator[Service]:
-    """The service with ``worker.concurrency`` from the test's ``concurrency`` marker-less param (default 4)."""
-    concurrency = getattr(request, "param", 4)
-    config = make_config(tmp_path, migrated, relay.url, worker={"concurrency": concurrency},
-                         service={"acks_per_sender_per_day": 1000})
+    """The service with the ``[worker]`` settings of the test's param (default: concurrency 4, threads)."""
+    worker = getattr(request, "param", {"concurrency": 4})
+    config = make_config(tmp_path, migrated, relay.url, worker=worker, service={"acks_per_sender_per_day": 1000})
     svc = Service(config)
     await svc.start(background=False)
     yield svc
@@ -36,8 +39,11 @@ def acks(relay: CaptureRelay) -> Counter[str]:
     return Counter(str(m.message["In-Reply-To"]) for m in relay.messages if not set(m.rcpt_tos) & MAINTAINERS)
 
 
+@pytest.mark.parametrize("started", [{"concurrency": 4}, {"concurrency": 4, "processes": 2}], indirect=True,
+                         ids=["threads", "processes"])
 async def test_concurrent_processing_files_and_acks_each_report_once(started: Service, relay: CaptureRelay) -> None:
-    """40 reports from 8 senders, processed four at a time: 40 reports, 40 acks, 80 notices, unique tracking ids."""
+    """40 reports from 8 senders, processed four at a time (threads, or two worker processes): 40 reports,
+    40 acks, 80 notices, unique tracking ids."""
     ids = [f"<many-{i}@reporter.test>" for i in range(40)]
     for i, msgid in enumerate(ids):
         await asend(smtp_port(started), report_bytes(msgid=msgid, body=f"Description: bug {i}\n"), sender=f"s{i % 8}@reporter.test")
@@ -51,7 +57,7 @@ async def test_concurrent_processing_files_and_acks_each_report_once(started: Se
     assert len(relay.messages) == 3 * 40
 
 
-@pytest.mark.parametrize("started", [1], indirect=True)
+@pytest.mark.parametrize("started", [{"concurrency": 1}], indirect=True)
 async def test_a_flood_from_one_sender_does_not_hold_back_another(started: Service, relay: CaptureRelay) -> None:
     """20 reports from one sender, then one from another: the other one is processed within one round (second)."""
     port = smtp_port(started)
@@ -65,3 +71,48 @@ async def test_a_flood_from_one_sender_does_not_hold_back_another(started: Servi
     assert order.index("single@reporter.test") <= 1, order[:5]
     assert acks(relay)["<single@reporter.test>"] == 1
     assert sum(acks(relay).values()) == 21
+
+
+async def settle_all(service: Service, rounds: int = 100) -> None:
+    """settle() until no message waits (a failed attempt is retried after a short backoff)."""
+    for _ in range(rounds):
+        await service.settle()
+        with service.db.session() as s:
+            waiting = s.scalar(select(func.count(InboundMessage.id)).where(InboundMessage.state.in_(("received", "retry"))))
+        if not waiting:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{waiting} message(s) still waiting")
+
+
+@pytest.mark.parametrize("started", [{"concurrency": 2, "processes": 1, "retry_base_seconds": 0.01}], indirect=True)
+async def test_a_worker_process_killed_mid_burst_loses_and_duplicates_nothing(started: Service, relay: CaptureRelay) -> None:
+    """SIGKILL a worker process while a burst is processed: its message's transaction rolls back, the
+    failure is recorded, new processes take over, and every report is filed and acknowledged exactly once."""
+    ids = [f"<kill-{i}@reporter.test>" for i in range(24)]
+    for i, msgid in enumerate(ids):
+        await asend(smtp_port(started), report_bytes(msgid=msgid, body=f"Description: bug {i}\n"), sender=f"k{i}@reporter.test")
+    settling = asyncio.ensure_future(started.settle())
+    killed: set[int] = set()
+    for _ in range(400):  # kill the first worker process seen once some reports are filed, then once more
+        await asyncio.sleep(0.02)
+        with started.db.session() as s:
+            filed = s.scalar(select(func.count(Report.id))) or 0
+        children = [p.pid for p in multiprocessing.active_children() if p.pid not in killed]
+        if filed >= 2 * len(killed) + 2 and children:
+            os.kill(children[0], signal.SIGKILL)
+            killed.add(children[0])
+        if len(killed) == 2 or settling.done():
+            break
+    await settling
+    await settle_all(started)
+    assert killed, "no worker process was seen"
+    with started.db.session() as s:
+        tracking = list(s.scalars(select(Report.tracking_id)))
+        states = Counter(s.scalars(select(InboundMessage.state)))
+        retried = s.scalar(select(func.count(InboundMessage.id)).where(InboundMessage.attempts > 0))
+    assert retried, "the kill hit no message in flight"  # the messages in flight were failed attempts, then done
+    assert len(tracking) == len(set(tracking)) == 24
+    assert states == Counter({"done": 24})
+    assert acks(relay) == Counter({msgid: 1 for msgid in ids})
+    assert len(relay.messages) == 3 * 24

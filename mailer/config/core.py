@@ -206,6 +206,9 @@ class WorkerConfig(Section):
     poll_seconds: float = Field(5.0, gt=0)
     concurrency: int = Field(4, ge=1, le=64)
     lease_seconds: float = Field(30.0, gt=0)
+    #: 0: messages are processed in threads of the service process; N: in N worker processes
+    #: (mailer.workerproc), so processing has cores of its own beside intake and the sender
+    processes: int = Field(0, ge=0, le=16)
 
 
 class ParsingConfig(Section):
