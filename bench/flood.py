@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import multiprocessing
 import resource
 import sys
 import tempfile
@@ -89,6 +91,18 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+async def children_peak_rss(peak: list[float]) -> None:
+    """Sample the summed RSS of the service's worker processes (``worker.processes``) into ``peak[0]``."""
+    while True:
+        total = 0.0
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(OSError, ValueError):
+                status = Path(f"/proc/{child.pid}/status").read_text()
+                total += int(status.split("VmRSS:")[1].split()[0]) / 1024
+        peak[0] = max(peak[0], total)
+        await asyncio.sleep(0.5)
+
+
 def flood_reports(n: int, size: int, run_id: str) -> Iterator[Report]:
     """``n`` reports from one sender, built one at a time."""
     sender = f"flood-{run_id}@reporter.test"
@@ -144,6 +158,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
     run_id = uuid.uuid4().hex[:12]
     home = make_home()
     loop = asyncio.get_running_loop()
+    peak = [0.0]  # the worker processes' summed RSS (MB)
     try:
         with tempfile.TemporaryDirectory(prefix="mailer-flood-") as tmp:
             workdir = Path(tmp)
@@ -162,9 +177,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
                 "relay": {"url": relay.url, "timeout_seconds": args.timeout},
                 "gnupg": {"home": home, "timeout_seconds": max(30.0, args.timeout)},
                 "maintainers": MAINTAINERS[: args.maintainers],
+                **({"worker": {"processes": args.processes}} if args.processes is not None else {}),
             })
             service = Service(config)
             rss_before = rss_mb()
+            children = asyncio.ensure_future(children_peak_rss(peak))
             try:
                 await service.start(background=True)
                 port = service.listening()["smtp"][1]
@@ -205,6 +222,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
                     await asyncio.sleep(0.25)
                 flood_filed = time.perf_counter()
             finally:
+                children.cancel()
                 await stop_service(service)
                 await relay.stop()
     finally:
@@ -223,6 +241,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
         "flood_acks": sum(1 for k in clock.ack_at if k.startswith("<flood-")),
         "peak_rss_mb": round(rss_mb(), 1),
         "rss_before_service_mb": round(rss_before, 1),
+        "worker_processes": service.config.worker.processes,
+        "worker_processes_peak_rss_mb": round(peak[0], 1),
         "n": args.n,
         "others": args.others,
         "size_bytes": args.size,
@@ -257,6 +277,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--maintainers", type=int, default=2, choices=range(len(MAINTAINERS) + 1),
                         help="maintainers notified per report (default 2)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the whole run (default 3600)")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="worker.processes for the service (default: the service's default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     args = parser.parse_args(argv)
     if args.n < 1 or args.others < 1 or args.concurrency < 1 or args.size < 512:

@@ -53,7 +53,7 @@ import aiosmtplib  # noqa: E402
 from aiosmtpd.smtp import SMTP, Envelope, Session  # noqa: E402
 
 from mailer.app import Service  # noqa: E402
-from mailer.config import Config  # noqa: E402
+from mailer.config import Config, WorkerConfig  # noqa: E402
 from mailer.db import upgrade  # noqa: E402
 from tests.relay import CaptureHandler, CaptureRelay  # noqa: E402
 
@@ -306,6 +306,7 @@ async def measure_service(reports: list[Report], warmup: list[Report], db_url: s
         "relay": {"url": relay.url, "timeout_seconds": args.timeout},
         "maintainers": MAINTAINERS[: args.maintainers] if maintainers is None else maintainers,
         **({"gnupg": {"home": home, "timeout_seconds": max(30.0, args.timeout)}} if home else {}),
+        **({"worker": {"processes": args.processes}} if args.processes is not None else {}),
     })
     service = Service(config)
     try:
@@ -591,6 +592,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
         "warmup": args.warmup,
         "maintainers": args.maintainers,
         "database": redact(args.database) if args.database else "sqlite (temp file)",
+        "worker_processes": args.processes if args.processes is not None else WorkerConfig().processes,
     }
     return result
 
@@ -664,6 +666,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals with --rate (default 60)")
     parser.add_argument("--gpg-ops", type=int, default=32,
                         help="gpg calls per operation kind and parallelism for the GnuPG bound (default 32; 0: skip)")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="worker.processes for the service (default: the service's default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
     args.threads = 8

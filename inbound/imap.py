@@ -47,6 +47,7 @@ from typing import Any
 
 from inbound.imap_client import (
     COMMAND_TIMEOUT,
+    FETCH_MAX_BYTES,
     KEYWORD,
     SIZE_SLICE,
     ImapConnection,
@@ -95,8 +96,18 @@ class _MailboxState:
     skipped: set[int] = field(default_factory=set)  # oversized UIDs already alerted on
 
 
+def _store_fetched(db: Database, where: str, username: str, fetched: list[tuple[int, bytes]]) -> list[Stored]:
+    """In a worker thread: build the rows (hashing, Return-Path) and commit them in one transaction."""
+    batch = [Received(raw, "imap", f"{where};UID={uid}", return_path(raw), (username,)) for uid, raw in fetched]
+    return store_batch(db, batch)
+
+
 class ImapPoller:
     """Watches one mailbox and stores every new message; see the module docstring for the rules."""
+
+    #: messages committed in one transaction, then moved with one command (its answer has a line per
+    #: message: no more than SIZE_SLICE, see there)
+    commit_batch = SIZE_SLICE
 
     def __init__(
         self,
@@ -319,7 +330,18 @@ class ImapPoller:
         return sorted((set(unseen) | set(newer)) - state.skipped)
 
     async def _ingest(self, conn: ImapConnection, uids: list[int]) -> int:
-        """Size check, then fetch/store/move in bounded batches; returns how many were stored."""
+        """Size check, then fetch, store and move/flag in groups; returns how many were stored.
+
+        Bodies are fetched with one ``UID FETCH`` per batch (:func:`~inbound.imap_client.chunks`)
+        until a group of :attr:`commit_batch` messages (at most ``FETCH_MAX_BYTES``) is together.
+        The group is committed in one transaction, and while that commit runs the group before it,
+        already committed, is moved or flagged with one command over its UID set. Nothing is moved
+        before the commit that stored it has returned (rule 1); the server's move and our commit
+        overlap.
+        """
+        group: list[tuple[int, bytes]] = []
+        group_bytes = 0
+        committed: list[int] = []  # stored by the last commit, not yet moved or flagged
         count = 0
         for start in range(0, len(uids), SIZE_SLICE):
             part = uids[start:start + SIZE_SLICE]
@@ -329,10 +351,24 @@ class ImapPoller:
             if too_big:
                 await self._alert_oversized(conn, too_big, sizes)
             for batch in chunks([uid for uid in wanted if uid not in too_big], sizes):
-                count += await self._ingest_batch(conn, batch)
+                if group and group_bytes + sum(sizes[uid] for uid in batch) > FETCH_MAX_BYTES:
+                    committed = await self._commit(conn, group, committed)
+                    count, group, group_bytes = count + len(group), [], 0
+                for uid, raw in await self._fetch_batch(conn, batch):
+                    group.append((uid, raw))
+                    group_bytes += len(raw)
+                if len(group) >= self.commit_batch:
+                    committed = await self._commit(conn, group, committed)
+                    count, group, group_bytes = count + len(group), [], 0
+        if group:
+            committed = await self._commit(conn, group, committed)
+            count += len(group)
+        if committed:
+            await self._mark_processed(conn, committed)
         return count
 
-    async def _ingest_batch(self, conn: ImapConnection, batch: list[int]) -> int:
+    async def _fetch_batch(self, conn: ImapConnection, batch: list[int]) -> list[tuple[int, bytes]]:
+        """One ``UID FETCH BODY.PEEK[]`` over a UID set; a message expunged meanwhile is skipped."""
         await self.before_fetch(batch)
         bodies = fetch_literals(await conn.fetch(batch, "(UID BODY.PEEK[])"))
         fetched: list[tuple[int, bytes]] = []
@@ -345,10 +381,25 @@ class ImapPoller:
                 )
                 continue
             fetched.append((uid, raw))
-        if fetched:
-            await self._store(fetched)
-            await self._mark_processed(conn, [uid for uid, _ in fetched])
-        return len(fetched)
+        return fetched
+
+    async def _commit(self, conn: ImapConnection, group: list[tuple[int, bytes]], previous: list[int]) -> list[int]:
+        """Commit ``group``; meanwhile move/flag ``previous``, which the last call committed. Returns the group's UIDs.
+
+        When the move fails, or this is cancelled, the commit under way is not abandoned: it
+        finishes (and ``on_stored`` hears of it) in the background; its messages are then
+        stored but not moved, and the next scan finds them again as duplicates.
+        """
+        storing = asyncio.ensure_future(self._store(group))
+        if previous:
+            try:
+                await self._mark_processed(conn, previous)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(storing)
+                raise
+        await asyncio.shield(storing)
+        return [uid for uid, _ in group]
 
     async def before_fetch(self, uids: list[int]) -> None:
         """Hook called before each body fetch (tests use it to race another client); does nothing."""
@@ -357,10 +408,7 @@ class ImapPoller:
         """The durable commit of a whole batch in one transaction (rule 1), then ``on_stored`` for each."""
         state = self._mailbox
         where = f"imap://{self.config.host}:{self.config.port}/{self.config.mailbox};UIDVALIDITY={state.uidvalidity}/"
-        batch = [
-            Received(raw, "imap", f"{where};UID={uid}", return_path(raw), (self.config.username,)) for uid, raw in fetched
-        ]
-        results = await asyncio.to_thread(store_batch, self.db, batch)
+        results = await asyncio.to_thread(_store_fetched, self.db, where, self.config.username, fetched)
         for (uid, raw), stored in zip(fetched, results, strict=True):
             state.last_uid = max(state.last_uid, uid)
             self.counters.stored += 1

@@ -31,7 +31,7 @@ from mailer.parsing import UNKNOWN_ENVELOPE
 log = logging.getLogger(__name__)
 
 KEYWORD = "$SecMailerStored"
-FETCH_MAX_MESSAGES = 100
+FETCH_MAX_MESSAGES = 25
 FETCH_MAX_BYTES = 16 * 1024 * 1024
 # aioimaplib parses one network read recursively, a frame per response line: keep responses
 # (and UID sets on the command line) well under Python's recursion limit.

@@ -229,6 +229,8 @@ class OutboxMessage(Base):
     raw: Mapped[bytes] = mapped_column(EncryptedBytes("outbox.raw"))  # a plain ack repeats the subject: encrypted at rest
     # queued unsigned: the sender signs it (outside the processing transaction) before the first attempt
     needs_signature: Mapped[bool] = mapped_column(default=False)
+    # with needs_signature: the pinned keys (fingerprints) the sender encrypts it to, signed, before the first attempt
+    encrypt_to: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     state: Mapped[str] = mapped_column(String(16), default=OutboxState.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)

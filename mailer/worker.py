@@ -303,6 +303,9 @@ class Worker:
                 if future is waker:
                     continue
                 inbound_id, _sender = self._inflight.pop(future)
+                if future.cancelled():  # queued behind a worker process that died, never started: take it again
+                    await asyncio.to_thread(self.release, [inbound_id])
+                    continue
                 try:
                     outcome = future.result()
                 except Exception as exc:  # noqa: BLE001 - a worker process died (BrokenProcessPool)

@@ -3,11 +3,16 @@
 The Message-ID is fixed when the row is created, so a retry after an unknown
 outcome (connection lost after DATA) is recognisable downstream.
 
-Mail that is encrypted is encrypted (and signed) here, in the caller's
-transaction: whether a key is usable decides what the mail may say
-(``mailer.correspondence``). Mail that is only signed is queued unsigned
-(``needs_signature``) and signed by the sender before its first attempt
-(:meth:`Outbox.sign`), outside the processing transaction and several at once.
+Mail to a reporter's own key (``key_blob``, used for this message only) is
+encrypted here, in the caller's transaction: whether that key is usable
+decides what the mail may say (``mailer.correspondence``). Every other mail is
+queued unsigned (``needs_signature``; sealed at rest like every outbox row)
+and signed, or signed and encrypted to the pinned keys named in
+``encrypt_to`` (maintainers, embargo members: checked usable before the mail
+was written), by the sender before its first attempt (:meth:`Outbox.sign`),
+outside the processing transaction and several at once. A pinned key that
+fails then is a delivery failure, retried and alerted on: the mail is never
+sent in clear.
 """
 
 from __future__ import annotations
@@ -41,15 +46,17 @@ class Outbox:
         self.public_key = ""
         self.autocrypt = ""  # the Autocrypt: header value every outgoing mail carries
 
-    def _encrypt(self, raw: bytes, outgoing: Outgoing) -> bytes:
+    def _encrypt(self, raw: bytes, recipients: list[str], key_blob: bytes | None = None) -> bytes:
         """Encrypt (and sign) the composed mail. :raises CryptoError: when a key is unusable."""
         message = email.message_from_bytes(raw, policy=policy.SMTP)
         assert isinstance(message, EmailMessage)
-        encrypted = build_encrypted(message, self.gpg, list(outgoing.encrypt_to), key_blob=outgoing.key_blob, sign=True)
-        return encrypted.as_bytes(policy=policy.SMTP)
+        return build_encrypted(message, self.gpg, recipients, key_blob=key_blob, sign=True).as_bytes(policy=policy.SMTP)
 
-    def sign(self, raw: bytes) -> bytes:
-        """The signed form of a message queued unsigned (the sender calls this). :raises CryptoError:"""
+    def sign(self, raw: bytes, encrypt_to: tuple[str, ...] = ()) -> bytes:
+        """The signed (with ``encrypt_to``: signed and encrypted) form of a message queued unsigned (the sender
+        calls this). :raises CryptoError:"""
+        if encrypt_to:
+            return self._encrypt(raw, list(encrypt_to))
         return sign_bytes(raw, self.gpg)
 
     def enqueue(self, session: Session, outgoing: Outgoing) -> OutboxMessage:
@@ -65,8 +72,8 @@ class Outbox:
             attachments.extend(outgoing.attachments)
         raw = compose(self.config, outgoing, body, message_id=message_id, now=now, autocrypt=self.autocrypt,
                       attachments=attachments)
-        if outgoing.encrypted:
-            raw = self._encrypt(raw, outgoing)
+        if outgoing.key_blob is not None:
+            raw = self._encrypt(raw, list(outgoing.encrypt_to), outgoing.key_blob)
         row = OutboxMessage(
             kind=outgoing.kind.value,
             report_id=outgoing.report_id,
@@ -75,7 +82,8 @@ class Outbox:
             rcpt_tos=[outgoing.to],
             rate_key=outgoing.rate_key,
             raw=raw,
-            needs_signature=not outgoing.encrypted,
+            needs_signature=outgoing.key_blob is None,
+            encrypt_to=list(outgoing.encrypt_to) if outgoing.key_blob is None and outgoing.encrypt_to else None,
             created_at=now,
             next_attempt_at=now,
             deliver_until=now + timedelta(hours=self.config.relay.retry_hours),

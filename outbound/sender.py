@@ -180,7 +180,7 @@ class Sender:
     SIGNING = 4  # gpg signatures made at once (subprocesses: they use every core)
 
     def __init__(self, db: Database, transport: Transport, *, clock: Clock = SYSTEM, lease: float = 30.0,
-                 signer: Callable[[bytes], bytes] | None = None) -> None:
+                 signer: Callable[[bytes, tuple[str, ...]], bytes] | None = None) -> None:
         self.db = db
         self.transport = transport
         #: signs mail queued unsigned (``needs_signature``): :meth:`outbound.outbox.Outbox.sign`
@@ -322,7 +322,7 @@ class Sender:
         async def one(row: OutboxMessage) -> tuple[OutboxMessage, bytes | Exception]:
             async with limit:
                 try:
-                    return row, await asyncio.to_thread(signer, row.raw)
+                    return row, await asyncio.to_thread(signer, row.raw, tuple(row.encrypt_to or ()))
                 except Exception as exc:  # noqa: BLE001 - recorded on the row as a temporary failure
                     return row, exc
 
@@ -330,7 +330,7 @@ class Sender:
         failed: dict[int, DeliveryError] = {}
         for row, result in await asyncio.gather(*(one(row) for row in pending)):
             if isinstance(result, Exception):
-                log.error("outgoing message %s could not be signed: %s", row.id, result)
+                log.error("outgoing message %s could not be signed (or encrypted): %s", row.id, result)
                 failed[row.id] = DeliveryError(f"signing failed: {result}", temporary=True)
             else:
                 signed.append((row.id, result))

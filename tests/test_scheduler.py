@@ -129,7 +129,9 @@ def test_timeline_walk_through_a_weekend_and_a_dst_change(env: Env) -> None:
     tracking = add_report(env.db, members=(MEMBER, NO_KEY))
     env.scheduler.drain()
     notices = outbox(env.db, MEMBER)
-    assert len(notices) == 1 and b"multipart/encrypted" in notices[0].raw
+    # queued to be encrypted to the member's key by the sender, before its first attempt
+    assert len(notices) == 1 and notices[0].needs_signature and len(notices[0].encrypt_to or []) == 1
+    assert b"multipart/encrypted" in env.service.outbox.sign(notices[0].raw, tuple(notices[0].encrypt_to or ()))
     assert not outbox(env.db, NO_KEY)
     assert any("member_key" in (r.detail.get("topic") or "") for r in rows(env.db, "reminder"))
     env.clock.set(berlin(2026, 3, 23, 8, 59))  # Monday, CET: the notice is due at 09:00 local = 08:00 UTC
