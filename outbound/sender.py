@@ -21,7 +21,7 @@ from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 import aiosmtplib
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, case, select, update
 from sqlalchemy.orm import Session
 
 from mailer import logs
@@ -31,6 +31,7 @@ from mailer.db import Database, claim, claimable, release_claims, renew_claims
 from mailer.errors import DeliveryError
 from mailer.loop import backoff, run_every
 from mailer.models import Event, OutboxMessage, OutboxState, Report
+from mailer.outgoing import MailKind
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,10 @@ def transport_for(url: str, config: RelayConfig) -> Transport:
     return SmtpTransport(config.model_copy(update={"url": url}))
 
 
+#: acknowledgements first (the reporters' SLA), then in the order queued
+ACKS_FIRST = (case((OutboxMessage.kind == MailKind.ACK.value, 0), else_=1), OutboxMessage.id)
+
+
 class Sender:
     """Delivers the outbox: claims due rows, sends them one after the other, records the outcomes in batches.
 
@@ -175,6 +180,7 @@ class Sender:
     """
 
     BATCH = 50  # rows claimed at once
+    CHUNK = 8  # rows signed before the first of them is sent
     RECORD_EVERY = 10  # outcomes recorded per transaction
 
     SIGNING = 4  # gpg signatures made at once (subprocesses: they use every core)
@@ -199,7 +205,8 @@ class Sender:
             select(OutboxMessage.id)
             .where(OutboxMessage.state == OutboxState.PENDING.value, OutboxMessage.next_attempt_at <= now,
                    claimable(OutboxMessage, now))
-            .order_by(OutboxMessage.id)
+            # acknowledgements first (the reporters' SLA), then in order
+            .order_by(*ACKS_FIRST)
             .limit(self.BATCH)
         )
         if skip:
@@ -213,7 +220,7 @@ class Sender:
                         where=OutboxMessage.state == OutboxState.PENDING.value)
             if not got:
                 return []
-            return list(session.scalars(select(OutboxMessage).where(OutboxMessage.id.in_(got)).order_by(OutboxMessage.id)))
+            return list(session.scalars(select(OutboxMessage).where(OutboxMessage.id.in_(got)).order_by(*ACKS_FIRST)))
 
     def _record(self, row_id: int, error: DeliveryError | None) -> None:
         self._record_many([(row_id, error)])
@@ -280,25 +287,36 @@ class Sender:
             while not self.stopping.is_set() and (rows := await asyncio.to_thread(self._claim, frozenset(seen))):
                 self._held = [row.id for row in rows]
                 outcomes: list[tuple[int, DeliveryError | None]] = []
+                # signed a chunk at a time, the next chunk while this one is sent: the first mail
+                # goes out after a few signatures, not after the whole batch's
+                chunks = [rows[i:i + self.CHUNK] for i in range(0, len(rows), self.CHUNK)]
+                signing = asyncio.ensure_future(self._sign(chunks[0]))
                 try:
-                    unsigned = await self._sign(rows)
-                    for row in rows:
+                    for index, chunk in enumerate(chunks):
+                        unsigned = await signing
+                        if index + 1 < len(chunks):
+                            signing = asyncio.ensure_future(self._sign(chunks[index + 1]))
+                        for row in chunk:
+                            if self.stopping.is_set():
+                                break
+                            seen.add(row.id)
+                            if row.id in unsigned:  # signing failed: a temporary failure, tried again later
+                                outcomes.append((row.id, unsigned[row.id]))
+                                continue
+                            error: DeliveryError | None = None
+                            try:
+                                await self.transport.send(Envelope(row.mail_from, list(row.rcpt_tos), row.raw))
+                            except DeliveryError as exc:
+                                error = exc
+                            outcomes.append((row.id, error))
+                            sent += error is None
+                            if len(outcomes) >= self.RECORD_EVERY:
+                                await self._flush(outcomes)
                         if self.stopping.is_set():
                             break
-                        seen.add(row.id)
-                        if row.id in unsigned:  # signing failed: a temporary failure, tried again later
-                            outcomes.append((row.id, unsigned[row.id]))
-                            continue
-                        error: DeliveryError | None = None
-                        try:
-                            await self.transport.send(Envelope(row.mail_from, list(row.rcpt_tos), row.raw))
-                        except DeliveryError as exc:
-                            error = exc
-                        outcomes.append((row.id, error))
-                        sent += error is None
-                        if len(outcomes) >= self.RECORD_EVERY:
-                            await self._flush(outcomes)
                 finally:
+                    # a chunk being signed is finished (its signed bytes stored) before its claims are handed back
+                    await asyncio.shield(asyncio.gather(signing, return_exceptions=True))
                     # shielded: a cancel (shutdown) still records what went out, and hands back the rest
                     await asyncio.shield(self._settle(outcomes, [row.id for row in rows if row.id not in seen]))
         finally:
