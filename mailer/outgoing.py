@@ -41,6 +41,8 @@ class Outgoing:
     attach_key: bool = False
     # (filename, content type, data): attached only when the mail is encrypted (report attachments to maintainers)
     attachments: tuple[tuple[str, str, bytes], ...] = ()
+    # attached to the mail whatever its protection: only what is public by design (a release's OSV record)
+    public_attachments: tuple[tuple[str, str, bytes], ...] = ()
 
     @property
     def encrypted(self) -> bool:

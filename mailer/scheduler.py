@@ -13,8 +13,10 @@ A mail sent after its instant (the service was down) is recorded with
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mailer import logs, states
+from mailer.advisory import AdvisoryError, osv_record
 from mailer.clock import SYSTEM, Clock
 from mailer.config import Config
 from mailer.correspondence import Correspondence
@@ -282,9 +285,11 @@ class Scheduler:
         alert = item.kind in (Kind.RELEASE_HELD, Kind.REMINDER)
         outgoing = Outgoing(
             kind=MailKind.ALERT if alert else MailKind.NOTICE, to="", subject=header_safe(item.subject, 200),
-            template=item.template, context=dict(item.context),
+            template=item.template, context={**item.context, "osv_attached": False},
             report_id=report.id if report is not None and len(reports) == 1 else None,
         )
+        if item.kind is Kind.RELEASE and report is not None and len(reports) == 1:
+            outgoing = self._with_osv(outgoing, report, now)
         if item.audience is Audience.LISTS:
             return [correspondence.to_list(address, outgoing) for address in item.recipients]
         if item.audience is Audience.MEMBER:
@@ -296,6 +301,19 @@ class Scheduler:
         if item.audience is Audience.ALL_MAINTAINERS:
             return [correspondence.to_maintainer(m, outgoing) for m in self.config.maintainers]
         return correspondence.to_maintainers(report, outgoing)
+
+    def _with_osv(self, outgoing: Outgoing, report: Report, now: datetime) -> Outgoing:
+        """The release email with the report's OSV record attached, when ``[advisory] attach_osv`` and one can be written."""
+        if not self.config.advisory.attach_osv:
+            return outgoing
+        try:
+            record = osv_record(report, self.config, now=now)
+        except AdvisoryError as exc:
+            log.info("release of %s goes without an OSV record: %s", report.tracking_id, exc)
+            return outgoing
+        data = (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        return replace(outgoing, context={**outgoing.context, "osv_attached": True, "osv_name": f"{report.tracking_id}.osv.json"},
+                       public_attachments=((f"{report.tracking_id}.osv.json", "application/json", data),))
 
     async def run(self, every: float = 60.0) -> None:
         """The service loop: drain now and then every ``every`` seconds (the work is in the database)."""

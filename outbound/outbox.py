@@ -70,6 +70,7 @@ class Outbox:
             attachments.append((f"{self.config.service.contact}.asc", "application/pgp-keys", self.public_key.encode("ascii")))
         if outgoing.encrypted:  # report content (its attachments): only ever inside the encryption
             attachments.extend(outgoing.attachments)
+        attachments.extend(outgoing.public_attachments)
         raw = compose(self.config, outgoing, body, message_id=message_id, now=now, autocrypt=self.autocrypt,
                       attachments=attachments)
         if outgoing.key_blob is not None:

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes, policy
+from email.message import EmailMessage
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from mailer.app import Service
 from mailer.clock import FakeClock
+from mailer.config import AdvisoryConfig
 from mailer.db import Database
 from mailer.models import EmbargoMember, Event, OutboxMessage, Report, ScheduledMail
 from mailer.scheduler import Scheduler
@@ -247,3 +250,41 @@ def test_listing_and_dry_run_show_without_sending(env: Env) -> None:
     would = env.scheduler.preview(DISCLOSE)
     assert {"release", "advance_notice"} <= {str(item.kind) for item in would}
     assert not rows(env.db) and not outbox(env.db)
+
+
+def release_mails(db: Database) -> list[EmailMessage]:
+    mails = [message_from_bytes(row.raw, policy=policy.default) for row in outbox(db, LIST)]
+    return [m for m in mails if isinstance(m, EmailMessage) and "Security release available" in text(m.as_bytes())]
+
+
+def json_parts(mail: EmailMessage) -> list[tuple[str | None, bytes]]:
+    return [(part.get_filename(), part.get_payload(decode=True)) for part in mail.walk()
+            if part.get_content_type() == "application/json"]
+
+
+def test_the_release_email_attaches_the_osv_record(env: Env) -> None:
+    """[advisory] ecosystem and package set and a #summary given: the list's release mail carries the report's
+    OSV record (schema-valid: osv_record validates it), with the summary and the fixed version, nothing of the reporter."""
+    config = env.service.config.model_copy(update={"advisory": AdvisoryConfig(ecosystem="PyPI", package="frobnicator")})
+    scheduler = Scheduler(env.db, config, env.service.outbox, env.service.gpg, clock=env.clock)
+    tracking = add_report(env.db)
+    with env.db.session() as session:
+        session.execute(update(Report).where(Report.tracking_id == tracking).values(summary="Heap overflow in frob()"))
+    env.clock.set(DISCLOSE)
+    scheduler.drain()
+    (release,) = release_mails(env.db)
+    ((name, data),) = json_parts(release)
+    record = json.loads(data)
+    assert name == f"{tracking}.osv.json" and record["id"] == tracking and record["summary"] == "Heap overflow in frob()"
+    assert record["affected"][0]["package"] == {"ecosystem": "PyPI", "name": "frobnicator"}
+    assert {"fixed": "1.2.3"} in record["affected"][0]["ranges"][0]["events"] and record["aliases"] == ["CVE-2026-1234"]
+    assert "rita" not in data.decode() and "attached" in text(release.as_bytes())
+
+
+def test_the_release_email_goes_without_a_record_that_cannot_be_written(env: Env) -> None:
+    """No [advisory] package configured (the default), or no #summary: the release goes, with no attachment."""
+    add_report(env.db)
+    env.clock.set(DISCLOSE)
+    env.scheduler.drain()
+    (release,) = release_mails(env.db)
+    assert json_parts(release) == [] and "OSV" not in text(release.as_bytes())

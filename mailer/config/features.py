@@ -151,6 +151,7 @@ class AdvisoryConfig(Section):
     repository: str = ""  # https URL of the source repository
     vendor: str = ""  # CVE record vendor; defaults to the project
     cve_org_id: str = ""  # the CNA's org UUID for CVE records (cvelib fills it in on submission when empty)
+    attach_osv: bool = True  # the security-release email carries the OSV record when one can be written
 
 
 class LoggingConfig(Section):
