@@ -280,11 +280,13 @@ class Sender:
     async def drain(self) -> int:
         """Attempt every message due now once; returns how many were sent."""
         sent = 0
-        seen: set[int] = set()
+        seen: set[int] = set()  # attempted in this batch (the rest is handed back)
+        failed: set[int] = set()  # not taken again in this pass (sent rows are no longer due anyway)
         keeper = asyncio.ensure_future(self._keep_claims())
         self.busy = True
         try:
-            while not self.stopping.is_set() and (rows := await asyncio.to_thread(self._claim, frozenset(seen))):
+            while not self.stopping.is_set() and (rows := await asyncio.to_thread(self._claim, frozenset(failed))):
+                seen.clear()
                 self._held = [row.id for row in rows]
                 outcomes: list[tuple[int, DeliveryError | None]] = []
                 # signed a chunk at a time, the next chunk while this one is sent: the first mail
@@ -302,12 +304,14 @@ class Sender:
                             seen.add(row.id)
                             if row.id in unsigned:  # signing failed: a temporary failure, tried again later
                                 outcomes.append((row.id, unsigned[row.id]))
+                                failed.add(row.id)
                                 continue
                             error: DeliveryError | None = None
                             try:
                                 await self.transport.send(Envelope(row.mail_from, list(row.rcpt_tos), row.raw))
                             except DeliveryError as exc:
                                 error = exc
+                                failed.add(row.id)
                             outcomes.append((row.id, error))
                             sent += error is None
                             if len(outcomes) >= self.RECORD_EVERY:

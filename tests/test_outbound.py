@@ -174,3 +174,29 @@ async def test_a_mail_that_cannot_be_signed_waits_and_nothing_goes_out_unsigned(
     make_due(service, clock)
     await service.sender.drain()
     assert len(relay.messages) == len(pending) and all(b"multipart/signed" in m.raw for m in relay.messages)
+
+
+async def test_a_long_drain_sends_every_batch_acks_first_and_skips_only_what_failed(
+    service: Service, relay: CaptureRelay
+) -> None:
+    """More rows than one claimed batch: every row is sent once, each batch's acknowledgements first, and the
+    claims skip only the rows that failed in this pass (a flood's thousands of sent rows never reach the query)."""
+    port = smtp_port(service)
+    for i in range(20):  # 20 acks and 40 notices: two batches of 50 and 10
+        await asend(port, report_bytes(msgid=f"<batch-{i}@reporter.test>"), sender=f"b{i}@reporter.test")
+    await service.worker.drain()
+    skips: list[frozenset[int]] = []
+    claim = service.sender._claim
+
+    def recording(skip: frozenset[int] = frozenset()) -> list[OutboxMessage]:
+        skips.append(skip)
+        return claim(skip)
+
+    service.sender._claim = recording  # type: ignore[method-assign]
+    assert await service.sender.drain() == 60
+    sent = rows(service)
+    assert all(r.state == "sent" for r in sent) and len(relay.messages) == 60
+    assert skips == [frozenset()] * 3  # two batches and the empty claim that ends the pass
+    # the first batch of 50 holds the 20 acks, and they go first (in the order the relay got them)
+    maintainers = {"mara@project.test", "max@project.test"}
+    assert [not set(m.rcpt_tos) & maintainers for m in relay.messages] == [True] * 20 + [False] * 40
