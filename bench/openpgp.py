@@ -73,6 +73,7 @@ from mailer.app import Service  # noqa: E402
 from mailer.config import Config  # noqa: E402
 from mailer.db import upgrade  # noqa: E402
 from mailer.openpgp import BoundedGPG, OpenPGP  # noqa: E402
+from mailer.worker import Outcome  # noqa: E402
 from tests.gpgtools import GPG, Home, inner_text_entity, pgpmime_encrypted  # noqa: E402
 from tests.relay import CaptureRelay  # noqa: E402
 
@@ -224,7 +225,7 @@ class Meter:
         self.procs: dict[str, list[float]] = defaultdict(list)
         self.calls: dict[str, list[float]] = defaultdict(list)
         self.worker: list[float] = []
-        self.worker_idle = threading.Event()  # no Worker.process running (its thread outlives a cancel)
+        self.worker_idle = threading.Event()  # no Worker.process_one running (its thread outlives a cancel)
         self.worker_idle.set()
         self._started: dict[int, tuple[str, float]] = {}
 
@@ -286,10 +287,10 @@ class Meter:
                 setattr(OpenPGP, name, fn)
 
     def time_worker(self, service: Service) -> None:
-        """Time each ``Worker.process`` (one report's pipeline and commit, run in a thread)."""
-        process = service.worker.process
+        """Time each ``Worker.process_one`` (one report's pipeline and commit, run in a thread)."""
+        process = service.worker.process_one
 
-        def timed(inbound_id: int) -> bool:
+        def timed(inbound_id: int) -> Outcome:
             self.worker_idle.clear()
             t0 = time.perf_counter()
             try:
@@ -301,7 +302,7 @@ class Meter:
                     if self.active:
                         self.worker.append(took)
 
-        service.worker.process = timed  # type: ignore[method-assign]
+        service.worker.process_one = timed  # type: ignore[method-assign]
 
 
 # --------------------------------------------------------------------------- the service

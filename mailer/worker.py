@@ -281,8 +281,8 @@ class Worker:
         done = 0
         failed: set[int] = set()
         while True:
-            free = self.concurrency - len(self._inflight)
-            if free > 0 and self.accepting:
+            free = self._claimable()
+            if free:
                 await self._yield_to_intake()
                 busy = frozenset(sender for _, sender in self._inflight.values())
                 self.wake.clear()
@@ -292,7 +292,7 @@ class Worker:
                 return done
             # a shutdown cancel lets the messages' transactions finish (see finish()) instead of abandoning them
             # new mail wakes us only while a slot is free (else the wake-up would spin)
-            room = self.accepting and len(self._inflight) < self.concurrency
+            room = bool(self._claimable())
             waker: asyncio.Future[Any] = asyncio.ensure_future(self.wake.wait() if room else asyncio.Event().wait())
             try:
                 finished, _ = await asyncio.wait({*self._inflight, waker}, return_when=asyncio.FIRST_COMPLETED)
@@ -319,6 +319,14 @@ class Worker:
             if completed and self.on_done is not None:
                 self.on_done()
 
+    def _claimable(self) -> int:
+        """How many messages to claim now: the free slots, but while others are in flight only once at
+        least half the slots are free (a claim costs two transactions; messages are claimed two or more
+        at a time under load, one at a time when idle)."""
+        free = self.concurrency - len(self._inflight)
+        least = max(1, self.concurrency // 2) if self._inflight else 1
+        return free if self.accepting and free >= least else 0
+
     async def finish(self, timeout: float | None = None) -> int:
         """Stop claiming and wait (at most ``timeout`` s) for the messages in flight; returns how many are still running."""
         self.accepting = False
@@ -340,8 +348,9 @@ class Worker:
                         "their claims expire after %.0f s", len(self._inflight), self.lease)
         return len(self._inflight)
 
-    async def _yield_to_intake(self, limit: float = 2.0) -> None:
-        """Let pending DATA commits go first: a sender waiting for 250 matters more than an ack's latency."""
+    async def _yield_to_intake(self, limit: float = 0.5) -> None:
+        """Let pending DATA commits go first, for a moment: a sender waiting for 250 matters more than an
+        ack's latency, but a flood arriving for minutes must not hold back everyone else's processing."""
         if self.intake_busy is None:
             return
         loop = asyncio.get_running_loop()
