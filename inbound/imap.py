@@ -2,17 +2,19 @@
 
 Safety rules (the reason for the order of every step below):
 
-1. **Store before move.** A fetched batch is committed with :func:`mailer.intake.store_batch`
-   (``BODY.PEEK[]``, so reading it changes nothing on the server) *before* it is moved
-   to ``processed_mailbox`` with ``UID MOVE``, or, on a server without MOVE, flagged
-   ``\\Seen`` plus the keyword ``$SecMailerStored``. A crash between the commit and the
-   move leaves the message where it was; the next scan fetches it again and the
-   duplicate check (Message-ID + SHA-256) turns it into the same stored row, so it
-   becomes one report, then it is moved.
-2. **Never delete, never expunge.** A message over ``max_message_size`` (checked with
-   ``RFC822.SIZE`` before the body is fetched) is left in place, logged at ERROR with
-   ``ALERT`` and listed in :attr:`ImapPoller.oversized`. A message expunged by another
-   client between SEARCH and FETCH is simply gone: it is skipped.
+1. **Store before move.** Fetched messages (``BODY.PEEK[]``, so reading them changes nothing
+   on the server) are committed a group at a time with :func:`mailer.intake.store_batch`
+   *before* the group is moved to ``processed_mailbox`` with one ``UID MOVE``, or, on a
+   server without MOVE, flagged ``\\Seen`` plus the keyword ``$SecMailerStored`` with one
+   ``UID STORE`` (:meth:`ImapPoller._ingest`: the next group is fetched and committed while
+   the server moves the last one). A crash between the commit and the move leaves the
+   messages where they were; the next scan fetches them again and the duplicate check
+   (Message-ID + SHA-256) turns each into the same stored row, so it becomes one report,
+   then it is moved.
+2. **Never delete, never expunge.** A message over ``max_message_size`` (found with ``UID
+   SEARCH LARGER`` and measured with ``RFC822.SIZE`` before any body is fetched) is left in
+   place, logged at ERROR with ``ALERT`` and listed in :attr:`ImapPoller.oversized`. A
+   message expunged by another client between SEARCH and FETCH is simply gone: it is skipped.
 3. **UID commands only** (UID SEARCH / FETCH / MOVE / STORE): sequence numbers shift
    under concurrent expunges, UIDs do not. UIDVALIDITY is tracked in memory; when it
    changes (mailbox recreated) every message still in the mailbox is scanned again
@@ -24,7 +26,9 @@ Safety rules (the reason for the order of every step below):
 5. **One poller per mailbox.** Several instances may watch the same mailbox; a lease row
    (:func:`mailer.db.acquire_lease`, renewed every third of ``lease_seconds``) lets one of
    them poll while the others stand by, and one of those takes over when the lease
-   expires (the holder died) or is released (the holder stopped).
+   expires (the holder died) or is released (the holder stopped). The lease is asked for
+   while connecting (a standby instance asks first and connects only once it holds it);
+   nothing is selected or fetched before it is held.
 6. **Keep running.** Any failure (network, TLS, login, BYE, a database error) closes
    the session, is logged and shown in :attr:`ImapPoller.health`, and the poller
    reconnects with exponential backoff. IDLE is used when offered, re-issued every
@@ -40,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
@@ -49,7 +53,9 @@ from inbound.imap_client import (
     COMMAND_TIMEOUT,
     FETCH_MAX_BYTES,
     KEYWORD,
+    SIZE_FETCH_MESSAGES,
     SIZE_SLICE,
+    SMALL_MESSAGE,
     ImapConnection,
     ImapError,
     Oversized,
@@ -86,6 +92,10 @@ def _iso(value: datetime | None) -> str | None:
 # --- the poller -----------------------------------------------------------------------------
 
 
+class _StandBy(Exception):
+    """Another instance took the mailbox's lease while we connected: drop the session and stand by."""
+
+
 @dataclass
 class _MailboxState:
     """What we know about the selected mailbox, in memory only (see rule 3 and 4)."""
@@ -94,6 +104,21 @@ class _MailboxState:
     baseline: int = 0  # read messages with UID <= baseline are left alone
     last_uid: int = 0
     skipped: set[int] = field(default_factory=set)  # oversized UIDs already alerted on
+
+
+@dataclass
+class _Flow:
+    """One scan's messages between the server and the database (see :meth:`ImapPoller._ingest`)."""
+
+    group: list[tuple[int, bytes]] = field(default_factory=list)  # fetched, for the next commit
+    group_bytes: int = 0
+    storing: asyncio.Future[list[Stored]] | None = None  # the commit under way
+    storing_uids: list[int] = field(default_factory=list)  # what it stores
+    stored: int = 0  # committed (duplicates included)
+
+    def add(self, fetched: list[tuple[int, bytes]]) -> None:
+        self.group.extend(fetched)
+        self.group_bytes += sum(len(raw) for _, raw in fetched)
 
 
 def _store_fetched(db: Database, where: str, username: str, fetched: list[tuple[int, bytes]]) -> list[Stored]:
@@ -217,16 +242,26 @@ class ImapPoller:
         """One session, from connect until it fails; the failure is recorded, not raised."""
         healthy_after = min(self.config.idle_seconds, self.config.poll_seconds)
         started: float | None = None
+        lease: asyncio.Future[bool] | None = None
         try:
-            if not await self._take_lease():
-                return
-            async with self._session() as conn:
+            if self._standby_for is not None:  # standing by: no connection before the lease is ours
+                if not await self._take_lease():
+                    return
+            else:  # the lease is usually ours: ask for it while connecting (rule 5 still holds before SELECT)
+                lease = asyncio.ensure_future(self._take_lease())
+            async with self._session(lease) as conn:
                 started = time.monotonic()
                 await self._serve_leased(conn)
+        except _StandBy:
+            return
         except Exception as exc:  # noqa: BLE001 - the service keeps running; health says why
             if started is not None and time.monotonic() - started >= healthy_after:
                 self._retries = 0  # a session that lasted: start the backoff over
             self._record_failure(exc, self._reconnect_delay())
+        finally:
+            if lease is not None and not lease.done():  # the connection failed first: the lease answer still counts
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(lease)
         self._state = "backoff"
 
     def _reconnect_delay(self) -> float:
@@ -252,15 +287,22 @@ class ImapPoller:
             log.error("IMAP intake fault: %s; reconnecting in %.1fs", self._last_error, delay, exc_info=exc)
 
     @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[ImapConnection]:
-        """A logged-in connection with the mailbox selected; closed on the way out, whatever happens."""
+    async def _session(self, lease: Awaitable[bool] | None = None) -> AsyncIterator[ImapConnection]:
+        """A logged-in connection with the mailbox selected; closed on the way out, whatever happens.
+
+        ``lease`` (:meth:`_take_lease` under way) is awaited before the session is used:
+        when another instance holds the mailbox, the connection is closed and :class:`_StandBy` raised.
+        """
         self._state = "connecting"
         conn = ImapConnection(self.config, self.command_timeout)
         try:
             await conn.open()
-            self._capabilities = {name: conn.has(name) for name in ("IDLE", "MOVE")}
+            capabilities = {name: conn.has(name) for name in ("IDLE", "MOVE")}
             if conn.has("MOVE"):
                 await conn.ensure_mailbox(self.config.processed_mailbox)
+            if lease is not None and not await lease:
+                raise _StandBy
+            self._capabilities = capabilities
             self._connected = True
             self._down_since = None
             log.info(
@@ -268,6 +310,9 @@ class ImapPoller:
                 self.config.port, self.config.mailbox, conn.has("IDLE"), conn.has("MOVE"),
             )
             yield conn
+        except _StandBy:
+            await conn.logout()
+            raise
         except BaseException:  # including cancellation: drop the connection, no goodbye
             conn.abort()
             raise
@@ -333,39 +378,54 @@ class ImapPoller:
         """Size check, then fetch, store and move/flag in groups; returns how many were stored.
 
         Bodies are fetched with one ``UID FETCH`` per batch (:func:`~inbound.imap_client.chunks`)
-        until a group of :attr:`commit_batch` messages (at most ``FETCH_MAX_BYTES``) is together.
-        The group is committed in one transaction, and while that commit runs the group before it,
-        already committed, is moved or flagged with one command over its UID set. Nothing is moved
-        before the commit that stored it has returned (rule 1); the server's move and our commit
-        overlap.
+        until a group of :attr:`commit_batch` messages (or ``FETCH_MAX_BYTES``) is together. The
+        group is committed in one transaction in a worker thread; meanwhile the group before it,
+        whose commit has returned, is moved or flagged with one command over its UID set, and the
+        next group is fetched. Nothing is moved before the commit that stored it has returned
+        (rule 1). Should anything fail, a commit under way still finishes, and nothing more is moved.
         """
-        group: list[tuple[int, bytes]] = []
-        group_bytes = 0
-        committed: list[int] = []  # stored by the last commit, not yet moved or flagged
-        count = 0
-        for start in range(0, len(uids), SIZE_SLICE):
-            part = uids[start:start + SIZE_SLICE]
-            sizes = fetch_sizes(await conn.fetch(part, "(UID RFC822.SIZE)"))
-            wanted = [uid for uid in part if uid in sizes]
-            too_big = [uid for uid in wanted if sizes[uid] > self.config.max_message_size]
-            if too_big:
-                await self._alert_oversized(conn, too_big, sizes)
-            for batch in chunks([uid for uid in wanted if uid not in too_big], sizes):
-                if group and group_bytes + sum(sizes[uid] for uid in batch) > FETCH_MAX_BYTES:
-                    committed = await self._commit(conn, group, committed)
-                    count, group, group_bytes = count + len(group), [], 0
-                for uid, raw in await self._fetch_batch(conn, batch):
-                    group.append((uid, raw))
-                    group_bytes += len(raw)
-                if len(group) >= self.commit_batch:
-                    committed = await self._commit(conn, group, committed)
-                    count, group, group_bytes = count + len(group), [], 0
-        if group:
-            committed = await self._commit(conn, group, committed)
-            count += len(group)
-        if committed:
-            await self._mark_processed(conn, committed)
-        return count
+        sizes, large = await self._sizes(conn, uids)
+        too_big = [uid for uid in uids if uid in large and sizes[uid] > self.config.max_message_size]
+        for start in range(0, len(too_big), SIZE_SLICE):
+            await self._alert_oversized(conn, too_big[start:start + SIZE_SLICE], sizes)
+        skip = set(too_big)
+        wanted = [uid for uid in uids if uid in sizes and uid not in skip]
+        flow = _Flow()
+        try:
+            for batch in chunks(wanted, sizes):
+                if flow.group and flow.group_bytes + sum(sizes[uid] for uid in batch if uid in large) > FETCH_MAX_BYTES:
+                    await self._hand_over(conn, flow)
+                flow.add(await self._fetch_batch(conn, batch))
+                if len(flow.group) >= self.commit_batch or flow.group_bytes >= FETCH_MAX_BYTES:
+                    await self._hand_over(conn, flow)
+            while flow.group or flow.storing is not None:
+                await self._hand_over(conn, flow)
+        except BaseException:
+            if flow.storing is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(flow.storing)
+            raise
+        return flow.stored
+
+    async def _sizes(self, conn: ImapConnection, uids: list[int]) -> tuple[dict[int, int], set[int]]:
+        """The size check (rule 2): ``{uid: size}`` for ``uids``, and which of them were measured.
+
+        ``UID SEARCH LARGER`` (the server compares RFC822.SIZE) picks out the few messages that
+        need their own ``RFC822.SIZE``: those that may be over the limit or too big to batch
+        blindly. Every other one counts as the bound that search used. A measured UID that is
+        gone meanwhile is left out (nothing to fetch).
+        """
+        bound = min(self.config.max_message_size, SMALL_MESSAGE)
+        wanted = set(uids)
+        large = [uid for uid in await conn.search("LARGER", str(bound)) if uid in wanted]
+        sizes = dict.fromkeys(uids, bound)
+        for uid in large:
+            del sizes[uid]
+        for start in range(0, len(large), SIZE_FETCH_MESSAGES):
+            part = large[start:start + SIZE_FETCH_MESSAGES]
+            sizes.update((uid, size) for uid, size in fetch_sizes(await conn.fetch(part, "(UID RFC822.SIZE)")).items()
+                         if uid in wanted)
+        return sizes, {uid for uid in large if uid in sizes}
 
     async def _fetch_batch(self, conn: ImapConnection, batch: list[int]) -> list[tuple[int, bytes]]:
         """One ``UID FETCH BODY.PEEK[]`` over a UID set; a message expunged meanwhile is skipped."""
@@ -383,23 +443,20 @@ class ImapPoller:
             fetched.append((uid, raw))
         return fetched
 
-    async def _commit(self, conn: ImapConnection, group: list[tuple[int, bytes]], previous: list[int]) -> list[int]:
-        """Commit ``group``; meanwhile move/flag ``previous``, which the last call committed. Returns the group's UIDs.
-
-        When the move fails, or this is cancelled, the commit under way is not abandoned: it
-        finishes (and ``on_stored`` hears of it) in the background; its messages are then
-        stored but not moved, and the next scan finds them again as duplicates.
-        """
-        storing = asyncio.ensure_future(self._store(group))
-        if previous:
-            try:
-                await self._mark_processed(conn, previous)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(storing)
-                raise
-        await asyncio.shield(storing)
-        return [uid for uid, _ in group]
+    async def _hand_over(self, conn: ImapConnection, flow: _Flow) -> None:
+        """Wait for the commit under way, start committing the group fetched since, then move/flag
+        what the finished commit stored (the server moves while we commit)."""
+        done: list[int] = []
+        if flow.storing is not None:
+            await asyncio.shield(flow.storing)  # cancelled meanwhile: the commit still finishes, in the background
+            done, flow.storing, flow.storing_uids = flow.storing_uids, None, []
+            flow.stored += len(done)
+        if flow.group:
+            flow.storing = asyncio.ensure_future(self._store(flow.group))
+            flow.storing_uids = [uid for uid, _ in flow.group]
+            flow.group, flow.group_bytes = [], 0
+        for start in range(0, len(done), SIZE_SLICE):
+            await self._mark_processed(conn, done[start:start + SIZE_SLICE])
 
     async def before_fetch(self, uids: list[int]) -> None:
         """Hook called before each body fetch (tests use it to race another client); does nothing."""

@@ -125,6 +125,7 @@ async def test_batch_of_200_becomes_200_reports(tmp_path: Path, migrated: str, r
 class CrashBeforeSecondMove(ImapPoller):
     """Fault injection: the process dies after the second batch is committed, before it is moved."""
 
+    commit_batch = 100  # 200 messages: two commits, two moves
     batches = 0
 
     async def _mark_processed(self, conn: Any, uids: list[int]) -> None:
@@ -199,6 +200,7 @@ async def test_idle_delivers_a_new_message_promptly(tmp_path: Path, migrated: st
         assert poller.health["idle"] is True
         await append(dovecot, [make_message(1, tag="idle")])
         await until(lambda: poller.counters.stored == 1, "the IDLE push", timeout=10)
+        await until(lambda: poller.counters.moved == 1, "its move (after the commit)")
     db.dispose()
     assert await uids(dovecot, "INBOX") == []
 
@@ -330,6 +332,7 @@ async def test_first_start_leaves_read_mail_alone_until_imported(
         await until(lambda: poller.health["state"] == "idle", "IDLE")
         await append(dovecot, [make_message(9, tag="late-but-read")], flags=r"\Seen")
         await until(lambda: poller.counters.stored == 3, "a read message that arrived after the start")
+        await until(lambda: poller.counters.moved == 3, "its move (after the commit)")
     assert await uids(dovecot, "INBOX") == [1, 2, 3]
     imported = await import_since(config.imap, db, date.today() - timedelta(days=1))
     assert imported == 3
