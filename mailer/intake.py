@@ -71,7 +71,8 @@ def store_batch(db: Database, batch: list[Received]) -> list[Stored]:
                 if row["dedup_key"] not in known:
                     fresh.setdefault(row["dedup_key"], row)
             if fresh:
-                statement = insert(InboundMessage).returning(InboundMessage.dedup_key, InboundMessage.id, sort_by_parameter_order=True)
+                # rows are matched by their key, not their order: the INSERT can be one multi-row statement
+                statement = insert(InboundMessage).returning(InboundMessage.dedup_key, InboundMessage.id)
                 known.update((key, id_) for key, id_ in session.execute(statement, list(fresh.values())))
     except IntegrityError:
         # another process stored one of them between our check and insert: fall back to one by one
