@@ -227,6 +227,8 @@ class TimedCapture(CaptureHandler):
     """tests.relay's capture handler that also timestamps each ack by its In-Reply-To."""
 
     ack_at: dict[str, float] = field(default_factory=dict)
+    #: every mail (ack and notices) by the report's Message-ID in its In-Reply-To: arrival times
+    mail_at: dict[str, list[float]] = field(default_factory=dict)
     expected: set[str] = field(default_factory=set)
     all_arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -238,6 +240,8 @@ class TimedCapture(CaptureHandler):
         match = _IN_REPLY_TO.search(head)
         # acks only: maintainer notices carry the report's Message-ID in In-Reply-To too
         to_maintainer = {str(a).lower() for a in envelope.rcpt_tos} & {m["address"] for m in MAINTAINERS}
+        if reply.startswith("250") and match:
+            self.mail_at.setdefault(match.group(1).decode("ascii", "replace"), []).append(now)
         if reply.startswith("250") and match and not to_maintainer:
             message_id = match.group(1).decode("ascii", "replace")
             self.ack_at.setdefault(message_id, now)
@@ -274,12 +278,25 @@ async def wait_acks(relay: TimedCapture, ids: set[str], deadline: float, what: s
                          f"--timeout deadline") from None
 
 
+async def wait_mail(relay: TimedCapture, ids: set[str], per_report: int, deadline: float) -> float:
+    """Wait until every report of ``ids`` has its ``per_report`` mails (ack and notices); the last arrival."""
+    loop = asyncio.get_running_loop()
+    while any(len(relay.mail_at.get(i, ())) < per_report for i in ids):
+        if loop.time() > deadline:
+            done = sum(len(relay.mail_at.get(i, ())) >= per_report for i in ids)
+            raise BenchError(f"service: only {done} of {len(ids)} reports had their ack and notices at the relay "
+                             "before the --timeout deadline")
+        await asyncio.sleep(0.01)
+    return max(max(relay.mail_at[i]) for i in ids)
+
+
 @dataclass
 class ServiceResult:
     load: LoadResult
     ack_latency: list[float]
     last_ack: float
     outgoing_captured: int
+    last_mail: float  # the last ack or notice of the measured reports
 
 
 async def measure_service(reports: list[Report], warmup: list[Report], db_url: str, workdir: Path,
@@ -323,7 +340,8 @@ async def measure_service(reports: list[Report], warmup: list[Report], db_url: s
         await wait_acks(capture, ids, args.deadline, "service")
         latency = [capture.ack_at[r.message_id] - load.accepted_at[r.message_id] for r in reports]
         last_ack = max(capture.ack_at[i] for i in ids)
-        return ServiceResult(load, latency, last_ack, len(capture.messages))
+        last_mail = await wait_mail(capture, ids, 1 + len(config.maintainers), args.deadline)
+        return ServiceResult(load, latency, last_ack, len(capture.messages), last_mail)
     finally:
         await stop_service(service)
         await relay.stop()
@@ -550,6 +568,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
         await asyncio.to_thread(kill_home, home)
 
     acks_rate = n / (svc.last_ack - svc.load.started)
+    # the issue's "sustained processing": stored -> acknowledged AND maintainers notified (acks leave first)
+    reports_rate = n / (svc.last_mail - svc.load.started)
     result: dict[str, Any] = {
         "mode": ("open loop" if rate_mode else "burst") + (", encrypted" if args.encrypted else ", plain"),
         "service_msgs_per_s": round(n / svc.load.elapsed, 1),
@@ -568,12 +588,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
         "ack_latency_ms_max": ms(max(svc.ack_latency)),
         # reports acknowledged per second, from the first MAIL to the last ack at the relay
         "service_acks_per_s": round(acks_rate, 2),
+        # reports fully handled per second: to the last ack or maintainer notice of the run at the relay
+        "service_reports_per_s": round(reports_rate, 2),
     }
     if rates:
         bound = gpg_bound(rates, per_report)
         result |= {
             "gpg_bound_reports_per_s": round(bound, 2),
-            "ratio_vs_gpg_bound": round(acks_rate / bound, 3),
+            "ratio_vs_gpg_bound": round(reports_rate / bound, 3),
             "gpg_ops_per_report": {k: v for k, v in per_report.items() if v},
             "gpg_ops_per_s": {k: v for k, v in rates.items() if per_report.get(k)},
         }
@@ -634,6 +656,7 @@ def summary(r: dict[str, Any]) -> str:
         f"ack latency (client 250 -> ack at relay): p50 {r['ack_latency_ms_p50']:.1f} ms, "
         f"p99 {r['ack_latency_ms_p99']:.1f} ms, max {r['ack_latency_ms_max']:.1f} ms",
         f"acks delivered: {r['service_acks_per_s']:.2f} reports/s (first MAIL to last ack)",
+        f"reports handled: {r['service_reports_per_s']:.2f} reports/s (first MAIL to the last ack or notice)",
     ]
     if "gpg_bound_reports_per_s" in r:
         lines.append(f"GnuPG bound: {r['gpg_bound_reports_per_s']:.2f} reports/s "

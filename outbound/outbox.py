@@ -30,7 +30,7 @@ from mailer.models import OutboxMessage
 from mailer.openpgp import OpenPGP
 from mailer.outgoing import Outgoing
 from outbound.compose import Attachment, compose, make_environment, new_message_id, render
-from outbound.pgpmime import build_encrypted, sign_bytes
+from outbound.pgpmime import build_encrypted, encrypt_bytes, sign_bytes
 
 
 class Outbox:
@@ -56,7 +56,7 @@ class Outbox:
         """The signed (with ``encrypt_to``: signed and encrypted) form of a message queued unsigned (the sender
         calls this). :raises CryptoError:"""
         if encrypt_to:
-            return self._encrypt(raw, list(encrypt_to))
+            return encrypt_bytes(raw, self.gpg, list(encrypt_to))
         return sign_bytes(raw, self.gpg)
 
     def enqueue(self, session: Session, outgoing: Outgoing) -> OutboxMessage:

@@ -21,7 +21,7 @@ from mailer.mimetree import normalise_crlf
 from mailer.openpgp import CryptoError, OpenPGP
 from outbound.compose import boundary, field
 
-__all__ = ["ENCRYPTED_SUBJECT", "build_encrypted", "build_signed", "sign_bytes"]
+__all__ = ["ENCRYPTED_SUBJECT", "build_encrypted", "build_signed", "encrypt_bytes", "sign_bytes"]
 
 ENCRYPTED_SUBJECT = "..."
 
@@ -106,6 +106,16 @@ def _split_plain(raw: bytes) -> tuple[bytes, bytes] | None:
     The entity is the message's Content-* fields and body exactly as queued:
     signing it needs no re-parse and no re-serialisation.
     """
+    fields = _fields(raw)
+    if fields is None:
+        return None
+    outer, content, body = fields
+    return b"".join(f + b"\r\n" for f in outer), b"".join(f + b"\r\n" for f in content) + body
+
+
+def _fields(raw: bytes) -> tuple[list[bytes], list[bytes], bytes] | None:
+    """The outer fields, the Content-* fields (each with its folded lines, no final CRLF) and the
+    body (from the blank line) of a 7bit CRLF message; None for anything else."""
     end = raw.find(b"\r\n\r\n")
     crlf = raw.count(b"\r\n")
     if end < 0 or not raw.isascii() or raw.count(b"\n") != crlf or raw.count(b"\r") != crlf:
@@ -127,9 +137,50 @@ def _split_plain(raw: bytes) -> tuple[bytes, bytes] | None:
         lower = name.lower()
         current = content if lower.startswith(b"content-") else outer if lower != b"mime-version" else []
         current.append(line)
-    content = content or [b"Content-Type: text/plain; charset=us-ascii"]
-    return (b"".join(f + b"\r\n" for f in outer),
-            b"".join(f + b"\r\n" for f in content) + raw[end + 2:])
+    return outer, content or [b"Content-Type: text/plain; charset=us-ascii"], raw[end + 2:]
+
+
+_PROTECTED = (b"subject", b"from", b"to", b"cc", b"date")
+
+
+def _name(field_bytes: bytes) -> bytes:
+    return field_bytes.partition(b":")[0].strip().lower()
+
+
+def encrypt_bytes(raw: bytes, gpg: OpenPGP, recipients: list[str]) -> bytes:
+    """:func:`build_encrypted` (signed, protected headers) to pinned keys for a queued message: bytes in, bytes out.
+
+    A 7bit CRLF message (all the service composes) is encrypted as it is
+    queued: its Content-* fields with ``protected-headers="v1"``, the real
+    Subject, From, To, Cc and Date, and its body; the outer Subject is "...".
+    Anything else takes :func:`build_encrypted`.
+    """
+    fields = _fields(raw)
+    if fields is None:
+        message = email.message_from_bytes(raw, policy=email.policy.SMTP)
+        assert isinstance(message, EmailMessage)
+        return build_encrypted(message, gpg, recipients, sign=True).as_bytes(policy=email.policy.SMTP)
+    outer, content, body = fields
+    content = [f + b'; protected-headers="v1"' if _name(f) == b"content-type" else f for f in content]
+    protected = [f for f in outer if _name(f) in _PROTECTED]
+    inner = b"".join(f + b"\r\n" for f in (*content, *protected)) + body
+    ciphertext = gpg.encrypt(inner, recipients, sign=True)
+    head = [f if _name(f) != b"subject" else b"Subject: " + ENCRYPTED_SUBJECT.encode("ascii") for f in outer]
+    mark = boundary(ciphertext)
+    content_type = f'multipart/encrypted; protocol="application/pgp-encrypted"; boundary="{mark}"'
+    delimiter = b"\r\n--" + mark.encode("ascii")
+    armor = ciphertext.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return (b"".join(f + b"\r\n" for f in head) + b"MIME-Version: 1.0\r\n" + field("Content-Type", content_type)
+            + b"\r\n" + _ENCRYPTED_PREAMBLE.encode("ascii") + delimiter + b"\r\n"
+            + b"Content-Type: application/pgp-encrypted\r\nContent-Description: PGP/MIME version identification\r\n"
+            + b"\r\nVersion: 1\r\n" + delimiter + b"\r\n"
+            + b'Content-Type: application/octet-stream; name="encrypted.asc"\r\n'
+            + b"Content-Description: OpenPGP encrypted message\r\n"
+            + b'Content-Disposition: inline; filename="encrypted.asc"\r\n\r\n'
+            + armor + (b"" if armor.endswith(b"\r\n") else b"\r\n") + delimiter + b"--\r\n")
+
+
+_ENCRYPTED_PREAMBLE = "This is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)"
 
 
 def _signature_part(signature: bytes) -> bytes:
@@ -214,8 +265,7 @@ def build_encrypted(msg: EmailMessage, gpg: OpenPGP, recipients: list[str], *, k
     body.set_payload(ciphertext.decode("ascii"))
     mark = boundary(ciphertext)
     content_type = f'multipart/encrypted; protocol="application/pgp-encrypted"; boundary="{mark}"'
-    outer = _wrapper(msg, content_type, [control, body],
-                     "This is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)")
+    outer = _wrapper(msg, content_type, [control, body], _ENCRYPTED_PREAMBLE)
     if protect_subject and outer.get("Subject") is not None:
         outer.replace_header("Subject", ENCRYPTED_SUBJECT)
     return outer

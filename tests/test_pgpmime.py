@@ -13,7 +13,7 @@ import pytest
 from mailer.config import ParsingConfig
 from mailer.openpgp import OpenPGP
 from mailer.pgpmime import unwrap
-from outbound.pgpmime import build_encrypted, build_signed
+from outbound.pgpmime import build_encrypted, build_signed, encrypt_bytes
 from tests.gpgtools import (
     Home,
     compression_bomb,
@@ -394,3 +394,28 @@ def test_build_encrypted_to_key_blob_round_trip(world: World) -> None:
         kill_and_remove(recipient_home)
     assert res.errors == [] and res.protected_headers["Subject"] == "Re: your report"
     assert all(p.encrypted and p.signature_valid and p.signer_fpr == world.svc_fpr for p in res.text_parts)
+
+
+@pytest.mark.parametrize("body", ["Fix: the details\n", "Café: the details\n"], ids=["7bit-as-queued", "8bit-reencoded"])
+def test_encrypt_bytes_of_a_queued_mail_round_trips_with_protected_headers(world: World, body: str) -> None:
+    """encrypt_bytes (the sender's path for pinned keys) on mail as the outbox queues it (7bit: encrypted as it
+    is; 8bit: through build_encrypted): the recipient decrypts it with a valid service signature, the real
+    Subject protected inside, "..." outside, the attachment intact."""
+    queued = smtp_bytes(outgoing(body=body, subject="[SEC-2026-0001] New report"))
+    assert queued.isascii() == body.isascii()  # the two paths
+    raw = encrypt_bytes(queued, world.svc, [world.alice])
+    assert b"New report" not in raw and b"details" not in raw and b"\r\nSubject: ...\r\n" in raw
+    assert b"\n" not in raw.replace(b"\r\n", b"")
+    recipient_home = short_tmpdir()
+    try:
+        recipient = OpenPGP(recipient_home)
+        recipient.import_secret(world.client.export_secret(world.alice))
+        recipient.import_public(world.svc.export_public(world.svc_fpr))
+        res = unwrap(raw, recipient, limits=LIMITS)
+    finally:
+        kill_and_remove(recipient_home)
+    assert res.errors == [] and res.protected_headers["Subject"] == "[SEC-2026-0001] New report"
+    [part] = res.text_parts
+    assert part.encrypted and part.signature_valid and part.signer_fpr == world.svc_fpr
+    assert body.strip() in part.text
+    assert [a.data for a in res.attachments] == [b"\x00\x01patch"]
