@@ -181,7 +181,7 @@ class BoundedGPG(gnupg.GPG):  # type: ignore[misc]  # python-gnupg is untyped
         env["LC_ALL"] = "C"
         env["LANGUAGE"] = "C"
         options = ["--no-auto-key-retrieve", "--no-auto-key-import", "--no-auto-key-locate",
-                   "--no-greeting", "--exit-on-status-write-error"]
+                   "--no-greeting", "--exit-on-status-write-error", "--no-random-seed-file"]
         super().__init__(gpgbinary=gpgbinary, gnupghome=gnupghome, env=env, options=options,
                          encoding="latin-1")  # decoding gpg's stderr can never fail
 
