@@ -42,7 +42,7 @@ from mailer.config import Config
 from mailer.db import Database, claim, claimable
 from mailer.errors import StepError
 from mailer.loop import backoff, run_every
-from mailer.metrics import FAILURES
+from mailer.metrics import FAILURES, GPG
 from mailer.models import InboundMessage, InboundState
 from mailer.openpgp import OpenPGP
 from mailer.outgoing import Postman
@@ -62,10 +62,14 @@ class Outcome:
     completed: bool = False
     summary: dict[str, Any] | None = None
     failed_step: str | None = None  # a failure was recorded (retry or failed)
+    #: gpg calls made in a worker process: (operation, seconds), for the service's mailer_gpg_seconds
+    gpg_seconds: tuple[tuple[str, float], ...] = ()
 
 
 def report(outcome: Outcome) -> None:
     """The message's log line and counters, after its commit."""
+    for operation, seconds in outcome.gpg_seconds:
+        GPG.labels(operation).observe(seconds)
     if outcome.summary is not None:
         logs.processed(dict(outcome.summary))
     if outcome.failed_step is not None:

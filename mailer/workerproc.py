@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from mailer.config import Config
@@ -79,10 +79,12 @@ def _init(config: Config, owner: str, key: ServiceKey, parent: int, logging_: tu
     from mailer import logs
     from mailer.app import install_data_key, open_keyring
     from mailer.db import Database
+    from mailer.openpgp import process as process_module
     from mailer.worker import Worker
     from outbound.outbox import Outbox
 
     logs.setup(logging.getLevelName(logging_[0]), logging_[1])
+    process_module.GPG = _gpg_times  # type: ignore[attr-defined,assignment]  # the parent serves /metrics
     install_data_key(config)
     db = Database(config.database_url)
     db.owner = owner  # the claims are the parent's
@@ -92,10 +94,34 @@ def _init(config: Config, owner: str, key: ServiceKey, parent: int, logging_: tu
     _worker = Worker(db, config, outbox, gpg=gpg)
 
 
+class _GpgTimes:
+    """Stands in for the ``mailer_gpg_seconds`` histogram in a child: the observations go back with the outcome."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, float]] = []
+
+    def labels(self, operation: str) -> _Observe:
+        return _Observe(self.seen, operation)
+
+
+@dataclass(frozen=True)
+class _Observe:
+    seen: list[tuple[str, float]]
+    operation: str
+
+    def observe(self, seconds: float) -> None:
+        self.seen.append((self.operation, seconds))
+
+
+_gpg_times = _GpgTimes()
+
+
 def process(inbound_id: int) -> Outcome:
     """Run in a child: one message, one transaction (:meth:`mailer.worker.Worker.process_one`)."""
     assert _worker is not None, "worker process not initialised"
-    return _worker.process_one(inbound_id)
+    outcome = _worker.process_one(inbound_id)
+    seen, _gpg_times.seen[:] = tuple(_gpg_times.seen), []
+    return replace(outcome, gpg_seconds=seen)
 
 
 def log_settings() -> tuple[int, str]:

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from mailer.app import Service
+from mailer.metrics import REGISTRY
 from mailer.models import InboundMessage, Report
 from tests.conftest import make_config, smtp_port
 from tests.relay import CaptureRelay
@@ -116,3 +117,20 @@ async def test_a_worker_process_killed_mid_burst_loses_and_duplicates_nothing(st
     assert states == Counter({"done": 24})
     assert acks(relay) == Counter({msgid: 1 for msgid in ids})
     assert len(relay.messages) == 3 * 24
+
+
+def gpg_calls(operation: str) -> float:
+    return REGISTRY.get_sample_value("mailer_gpg_seconds_count", {"op": operation}) or 0.0
+
+
+@pytest.mark.parametrize("started", [{"concurrency": 2, "processes": 1}], indirect=True)
+async def test_gpg_calls_in_a_worker_process_are_counted_by_the_service(started: Service, relay: CaptureRelay) -> None:
+    """A report carrying an OpenPGP block is verified in the worker process; /metrics (served by the service
+    process) counts that gpg call. The service process itself only signs here (the sender: detach-sign)."""
+    before = gpg_calls("decrypt")
+    block = "-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA256\n\nDescription: x\n-----BEGIN PGP SIGNATURE-----\n\n" \
+            "iQEzBAEBCAAdFiEE\n=abcd\n-----END PGP SIGNATURE-----\n"
+    await asend(smtp_port(started), report_bytes(msgid="<signed@reporter.test>", body=block), sender="v@reporter.test")
+    await started.settle()
+    assert acks(relay)["<signed@reporter.test>"] == 1
+    assert gpg_calls("decrypt") > before  # gpg --decrypt checks a cleartext signature
