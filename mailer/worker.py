@@ -9,7 +9,9 @@ ran out under a slow run.
 
 Up to ``worker.concurrency`` messages are processed at once, each in its own
 thread and transaction (their gpg calls are subprocesses, so they use more than
-one core). The pick is fair: envelope senders take turns (round-robin: the
+one core), or with ``worker.processes`` in worker processes of their own
+(:mod:`mailer.workerproc`). Parsing and decryption run before the write
+transaction (:meth:`mailer.pipeline.Pipeline.read`). The pick is fair: envelope senders take turns (round-robin: the
 sender served longest ago, or never, goes first, with its oldest due message),
 and never two messages of one sender are processed at once (here or in another
 instance), so one sender's flood cannot starve the others: a report from
