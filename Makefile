@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	# the official OSV JSON schema for the tests (the package's data only: none of its dependencies)
+	$(BIN)/pip install --quiet --no-deps 'osv==0.0.22'
 	touch $(STAMP)
 
 deps: $(STAMP)

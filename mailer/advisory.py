@@ -111,6 +111,16 @@ def _references(report: Report, config: Config) -> list[tuple[str, str]]:
     return [(kind, url) for kind, url in refs if url]
 
 
+_GHSA = re.compile(r"\bGHSA(?:-[23456789cfghjmpqrvwx]{4}){3}\b")
+
+
+def osv_id(report: Report) -> str:
+    """The record's id: the GitHub advisory's GHSA id when ``#advisory`` names one (a home database the
+    OSV schema knows), else the tracking id (a draft id the publishing database replaces)."""
+    found = _GHSA.search(report.advisory_url or "")
+    return found.group(0) if found else report.tracking_id
+
+
 def osv_record(report: Report, config: Config, *, now: datetime) -> dict[str, Any]:
     """The OSV record; :raises AdvisoryError: when a required field is missing or the record is invalid."""
     missing = _needs(report, config, osv=True)
@@ -118,7 +128,7 @@ def osv_record(report: Report, config: Config, *, now: datetime) -> dict[str, An
         raise AdvisoryError("cannot write the OSV record, missing: " + "; ".join(missing))
     record: dict[str, Any] = {
         "schema_version": "1.6.0",
-        "id": report.tracking_id,
+        "id": osv_id(report),
         "modified": _z(now),
         "summary": report.summary,
         "details": report.summary,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from importlib.metadata import distribution
+from pathlib import Path
+from typing import Any
 
 import pytest
 from cvelib.cve_api import CveRecord
@@ -110,3 +113,23 @@ async def test_advisory_without_url_drafts_the_text_for_review(
     texts = [open_for(home, m.raw) for m in relay.handler.to(MARA)[before:]]
     [draft] = [t for t in texts if "draft of the public advisory" in t]
     assert "Out-of-bounds write in the header parser" in draft and "Fixed in:  0.13.2" in draft and "Credit: Rita R." in draft
+
+
+def official_osv_schema() -> dict[str, Any]:
+    """The OSV project's own JSON schema (the osv package's data, installed by `make` without its dependencies)."""
+    path = Path(str(distribution("osv").locate_file("osv/osv-schema/validation/schema.json")))
+    return dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def test_osv_record_validates_against_the_official_osv_schema_with_a_ghsa_id() -> None:
+    """With a GitHub advisory as #advisory, the record's id is its GHSA id and the record is valid against the
+    OSV project's own schema; without one the id is the tracking id, the only thing that schema refuses (its
+    ids carry a home database's prefix: the publishing database assigns the final id)."""
+    official = Draft202012Validator(official_osv_schema())
+    record = osv_record(_report(advisory_url="https://github.com/ex/ample/security/advisories/GHSA-4v8p-9c3x-qf2m"),
+                        _config(), now=NOW)
+    assert record["id"] == "GHSA-4v8p-9c3x-qf2m"
+    assert [e.message for e in official.iter_errors(record)] == []
+    draft = osv_record(_report(advisory_url="https://example.org/advisories/7"), _config(), now=NOW)
+    assert draft["id"] == "SEC-2026-0007"
+    assert [list(e.absolute_path) for e in official.iter_errors(draft)] == [["id"]]
