@@ -171,12 +171,6 @@ class Worker:
 
     # ------------------------------------------------------------------ one message
 
-    def process(self, inbound_id: int) -> bool:
-        """Run the pipeline for one message we claimed, log and count it; True when it completed."""
-        outcome = self.process_one(inbound_id)
-        report(outcome)
-        return outcome.completed
-
     def process_one(self, inbound_id: int) -> Outcome:
         """The pipeline for one message we claimed, in one transaction (here or in a worker process)."""
         try:
