@@ -26,6 +26,21 @@ __all__ = ["ENCRYPTED_SUBJECT", "build_encrypted", "build_signed", "encrypt_byte
 ENCRYPTED_SUBJECT = "..."
 
 
+# the fixed parts of RFC 3156 messages: header fields, written by the bytes builders and the EmailMessage ones alike
+_SIGNATURE_PART = (("Content-Type", 'application/pgp-signature; name="signature.asc"'),
+                   ("Content-Description", "OpenPGP digital signature"),
+                   ("Content-Disposition", 'attachment; filename="signature.asc"'))
+_CONTROL_PART = (("Content-Type", "application/pgp-encrypted"),
+                 ("Content-Description", "PGP/MIME version identification"))
+_ENCRYPTED_PART = (("Content-Type", 'application/octet-stream; name="encrypted.asc"'),
+                   ("Content-Description", "OpenPGP encrypted message"),
+                   ("Content-Disposition", 'inline; filename="encrypted.asc"'))
+
+
+def _head(fields: tuple[tuple[str, str], ...]) -> bytes:
+    return b"".join(f"{name}: {value}\r\n".encode("ascii") for name, value in fields)
+
+
 def _content_entity(msg: EmailMessage) -> EmailMessage:
     """A copy of *msg* keeping only its Content-* headers (the body entity)."""
     inner = copy.deepcopy(msg)
@@ -81,9 +96,8 @@ def _signed_entity(inner: EmailMessage, gpg: OpenPGP, outer: EmailMessage) -> Em
     signature = gpg.sign_detached(signed_bytes)
     first = email.message_from_bytes(signed_bytes, policy=email.policy.SMTP)
     sig = EmailMessage(policy=email.policy.SMTP)
-    sig["Content-Type"] = 'application/pgp-signature; name="signature.asc"'
-    sig["Content-Description"] = "OpenPGP digital signature"
-    sig["Content-Disposition"] = 'attachment; filename="signature.asc"'
+    for name, value in _SIGNATURE_PART:
+        sig[name] = value
     sig.set_payload(signature.signature.decode("ascii"))
     mark = boundary(signed_bytes)
     content_type = (f'multipart/signed; micalg="{signature.micalg}"; '
@@ -172,11 +186,7 @@ def encrypt_bytes(raw: bytes, gpg: OpenPGP, recipients: list[str]) -> bytes:
     armor = ciphertext.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     return (b"".join(f + b"\r\n" for f in head) + b"MIME-Version: 1.0\r\n" + field("Content-Type", content_type)
             + b"\r\n" + _ENCRYPTED_PREAMBLE.encode("ascii") + delimiter + b"\r\n"
-            + b"Content-Type: application/pgp-encrypted\r\nContent-Description: PGP/MIME version identification\r\n"
-            + b"\r\nVersion: 1\r\n" + delimiter + b"\r\n"
-            + b'Content-Type: application/octet-stream; name="encrypted.asc"\r\n'
-            + b"Content-Description: OpenPGP encrypted message\r\n"
-            + b'Content-Disposition: inline; filename="encrypted.asc"\r\n\r\n'
+            + _head(_CONTROL_PART) + b"\r\nVersion: 1\r\n" + delimiter + b"\r\n" + _head(_ENCRYPTED_PART) + b"\r\n"
             + armor + (b"" if armor.endswith(b"\r\n") else b"\r\n") + delimiter + b"--\r\n")
 
 
@@ -185,9 +195,7 @@ _ENCRYPTED_PREAMBLE = "This is an OpenPGP/MIME encrypted message (RFC 4880 and 3
 
 def _signature_part(signature: bytes) -> bytes:
     armor = signature.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    return (b'Content-Type: application/pgp-signature; name="signature.asc"\r\n'
-            b"Content-Description: OpenPGP digital signature\r\n"
-            b'Content-Disposition: attachment; filename="signature.asc"\r\n\r\n'
+    return (_head(_SIGNATURE_PART) + b"\r\n"
             + armor + (b"" if armor.endswith(b"\r\n") else b"\r\n"))
 
 
@@ -255,13 +263,12 @@ def build_encrypted(msg: EmailMessage, gpg: OpenPGP, recipients: list[str], *, k
     else:
         ciphertext = gpg.encrypt(_serialise(inner), recipients, sign=sign)
     control = EmailMessage(policy=email.policy.SMTP)
-    control["Content-Type"] = "application/pgp-encrypted"
-    control["Content-Description"] = "PGP/MIME version identification"
+    for name, value in _CONTROL_PART:
+        control[name] = value
     control.set_payload("Version: 1\r\n")
     body = EmailMessage(policy=email.policy.SMTP)
-    body["Content-Type"] = 'application/octet-stream; name="encrypted.asc"'
-    body["Content-Description"] = "OpenPGP encrypted message"
-    body["Content-Disposition"] = 'inline; filename="encrypted.asc"'
+    for name, value in _ENCRYPTED_PART:
+        body[name] = value
     body.set_payload(ciphertext.decode("ascii"))
     mark = boundary(ciphertext)
     content_type = f'multipart/encrypted; protocol="application/pgp-encrypted"; boundary="{mark}"'
