@@ -474,7 +474,8 @@ def gpg_bound(rates: dict[str, dict[str, float]], per_report: dict[str, int]) ->
 
 def plain_operations(gpg: Any, size: int, maintainer_fprs: list[str]) -> dict[str, Callable[[int], None]]:
     data = [(f"{i}\r\n".encode() * (size // 4 + 1))[:size] for i in range(64)]
-    ops: dict[str, Callable[[int], None]] = {"sign": lambda i: gpg.sign_detached(data[i % len(data)]) and None}
+    ops: dict[str, Callable[[int], None]] = {
+        "sign": lambda i: gpg.sign_detached(data[i % len(data)], via_agent=False) and None}
     if maintainer_fprs:
         ops["sign_encrypt"] = lambda i: gpg.encrypt(data[i % len(data)], [maintainer_fprs[i % len(maintainer_fprs)]],
                                                     sign=True) and None

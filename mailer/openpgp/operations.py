@@ -18,12 +18,19 @@ lines and exit code by the rules of :mod:`mailer.openpgp.status`:
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
+from mailer.metrics import GPG
+from mailer.openpgp.agent import AgentError, AgentKey, AgentSigner
 from mailer.openpgp.errors import CryptoError, KeyImportError
 from mailer.openpgp.keyring import Keyring
 from mailer.openpgp.process import GpgRun, kill_agent
@@ -40,6 +47,11 @@ from mailer.openpgp.status import (
 )
 
 __all__ = ["DecryptResult", "DetachedSignature", "OpenPGP", "VerifiedText"]
+
+log = logging.getLogger(__name__)
+
+#: what the agent signs once, and gpg verifies, before the agent signs anything else (:meth:`OpenPGP._set_up_agent`)
+_AGENT_PROBE = b"security-mailer: a detached signature made by gpg-agent directly, checked by gpg\r\n"
 
 
 @dataclass(frozen=True)
@@ -71,7 +83,28 @@ class DetachedSignature:
 
 
 class OpenPGP(Keyring):
-    """The service's OpenPGP keyring (one GNUPGHOME) and the operations on it."""
+    """The service's OpenPGP keyring (one GNUPGHOME) and the operations on it.
+
+    Detached signatures are made by the home's gpg-agent directly once that has
+    proved itself here (:mod:`mailer.openpgp.agent`), else by a gpg process each.
+    """
+
+    def __init__(self, home: str, **kwargs: Any) -> None:
+        super().__init__(home, **kwargs)
+        self._agent: AgentSigner | None = None
+        self._agent_checked = False  # set up (or found unusable) for the current service key
+        self._agent_lock = threading.Lock()
+
+    def _forget(self) -> None:
+        super()._forget()
+        self._drop_agent()
+
+    def _drop_agent(self) -> None:
+        self._agent, self._agent_checked = None, False
+
+    def kill_agent(self) -> None:
+        self._drop_agent()
+        super().kill_agent()
 
     # ------------------------------------------------------------------ encrypt / sign
 
@@ -103,15 +136,68 @@ class OpenPGP(Keyring):
             raise CryptoError(f"encryption failed: {failure_text(run)}")
         return run.data
 
-    def sign_detached(self, data: bytes) -> DetachedSignature:
-        """Armored detached SHA-256 signature by the service key, plus its micalg."""
+    def sign_detached(self, data: bytes, *, via_agent: bool = True) -> DetachedSignature:
+        """Armored detached SHA-256 signature by the service key, plus its micalg.
+
+        ``via_agent=False`` always starts a gpg process (benchmarks measure that cost).
+        """
+        agent = self._agent_signer() if via_agent else None
+        if agent is not None:
+            started = time.monotonic()
+            try:
+                signature = agent.sign(data)
+            except AgentError as exc:
+                log.warning("gpg-agent did not sign (%s): signing with gpg, then checking the agent again", exc)
+                self._drop_agent()
+            else:
+                GPG.labels("agent-sign").observe(time.monotonic() - started)
+                return DetachedSignature(signature=signature, micalg="pgp-sha256")
+        return self._sign_with_gpg(data)[0]
+
+    def _sign_with_gpg(self, data: bytes) -> tuple[DetachedSignature, GpgRun]:
         signer = self.service_fingerprint()
         run = self._gpg.run(["-sa", "--detach-sign", "--default-key", signer, "--digest-algo", "SHA256",
                              *self._pin_args()], data, passphrase=self._wire_passphrase())
         micalg = signature_micalg(run)
         if micalg is None:
             raise CryptoError(f"signing failed: {failure_text(run)}")
-        return DetachedSignature(signature=run.data, micalg=micalg)
+        return DetachedSignature(signature=run.data, micalg=micalg), run
+
+    def _agent_signer(self) -> AgentSigner | None:
+        if not self._agent_checked:
+            with self._agent_lock:
+                if not self._agent_checked:
+                    self._agent = self._set_up_agent()
+                    self._agent_checked = True
+        return self._agent
+
+    def _set_up_agent(self) -> AgentSigner | None:
+        """An :class:`AgentSigner` for the key gpg signs with, once gpg verified one of its signatures."""
+        try:
+            _signature, run = self._sign_with_gpg(_AGENT_PROBE)
+            fields = run.values("SIG_CREATED")[0].split()  # type class pk_algo hash_algo timestamp fingerprint
+            algorithm, fpr = int(fields[1]), fields[5]
+            agent = AgentSigner(AgentSigner.socket_for(self.home, _gpgconf(self.gpgbinary)),
+                                AgentKey(fpr, self._keygrip(fpr), algorithm), self.passphrase)
+            result = self.verify_detached(_AGENT_PROBE, agent.sign(_AGENT_PROBE))
+            if not result.valid or result.signing_key_fpr != fpr:
+                raise AgentError(f"gpg does not accept its signature ({result.reason.value})")
+        except (AgentError, CryptoError, OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+            log.warning("signing with a gpg process per signature: gpg-agent cannot sign directly: %s", exc)
+            return None
+        return agent
+
+    def _keygrip(self, fpr: str) -> str:
+        """The keygrip of the (sub)key *fpr* of the service key."""
+        run = self._gpg.run(["--with-colons", "--with-keygrip", "--list-secret-keys", self.service_fingerprint()])
+        current = None
+        for line in run.data.decode("latin-1").splitlines():
+            fields = line.split(":")
+            if fields[0] == "fpr" and len(fields) > 9:
+                current = fields[9]
+            elif fields[0] == "grp" and len(fields) > 9 and current == fpr:
+                return fields[9]
+        raise AgentError(f"no keygrip for {fpr}")
 
     def sign_clear(self, text: bytes) -> bytes:
         """A cleartext signature (RFC 4880 §7) by the service key over ``text`` (security.txt, RFC 9116)."""
@@ -210,3 +296,9 @@ class OpenPGP(Keyring):
         if run.timed_out:
             return SignatureResult(False, Reason.TIMEOUT)
         return evaluate_signature(run.status, run.returncode)
+
+
+def _gpgconf(gpgbinary: str) -> str:
+    """gpgconf next to *gpgbinary* (``gpg`` on the PATH: ``gpgconf`` on the PATH)."""
+    directory = os.path.dirname(gpgbinary)
+    return os.path.join(directory, "gpgconf") if directory else "gpgconf"
