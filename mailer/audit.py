@@ -1,12 +1,17 @@
 """A tamper-evident audit trail: every event is chained to the one before it by SHA-256.
 
 Each :class:`~mailer.models.Event` row carries ``prev_hash`` (the hash of the
-event before it, over the whole database) and ``hash`` (SHA-256 of
-``prev_hash`` and the event's canonical content). The chain is extended in
-the transaction that adds the events (:func:`chain_new_events`, an
-``after_flush`` hook): the single :class:`~mailer.models.AuditHead` row is
-updated first, which serialises writers on both SQLite and PostgreSQL, so
-the chain stays linear with several instances.
+event before it, over the whole database), ``hash`` (SHA-256 of ``prev_hash``
+and the event's canonical content) and ``seq``, its place in the chain. The
+chain is extended when the transaction that adds the events commits
+(:func:`chain_events`, a ``before_commit`` hook; :func:`collect_events`
+notes the events each flush inserts): the single
+:class:`~mailer.models.AuditHead` row is updated first, which serialises the
+writers' chaining on both SQLite and PostgreSQL, so the chain stays linear
+with several instances. On PostgreSQL the ids of concurrent transactions'
+events interleave; chain order is ``seq``, which is what :func:`verify` walks.
+One chaining per transaction (not per flush) keeps the head row locked only
+for the commit itself.
 
 :func:`verify` walks the chain and reports the first broken link, and
 re-verifies the OpenPGP signature of every command mail kept
@@ -26,7 +31,7 @@ from datetime import UTC
 from typing import Any, cast
 
 from sqlalchemy import Table, bindparam, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from mailer.config import ParsingConfig
 from mailer.models import AuditHead, CommandSignature, Event, InboundMessage
@@ -34,6 +39,7 @@ from mailer.openpgp import OpenPGP
 from mailer.pgpmime import unwrap
 
 GENESIS = "0" * 64
+_UNCHAINED = "audit_unchained"  # session.info: events flushed, not chained yet
 
 
 def canonical(item: Event) -> bytes:
@@ -49,24 +55,44 @@ def link(prev_hash: str, content: bytes) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + b"\n" + content).hexdigest()
 
 
-def chain_new_events(session: Session, _flush_context: object) -> None:
-    """``after_flush``: give the events just inserted their place in the chain (ids are known now)."""
-    new = sorted((obj for obj in session.new if isinstance(obj, Event)), key=lambda e: e.id)
+def collect_events(session: Session, _flush_context: object) -> None:
+    """``after_flush``: note the events just inserted (ids are known now), to be chained at commit."""
+    new = [obj for obj in session.new if isinstance(obj, Event)]
+    if new:
+        session.info.setdefault(_UNCHAINED, []).extend(new)
+
+
+def forget_events(session: Session, previous: SessionTransaction) -> None:
+    """``after_soft_rollback``: events of a transaction that rolled back are not chained (a savepoint's
+    are dropped at commit: the rollback expunged them)."""
+    if previous.parent is None:
+        session.info.pop(_UNCHAINED, None)
+
+
+def chain_events(session: Session) -> None:
+    """``before_commit``: give the transaction's events their place in the chain, in one go."""
+    if session.in_nested_transaction():
+        return  # a savepoint: its events are chained with the transaction's
+    session.flush()
+    noted = session.info.pop(_UNCHAINED, None)
+    # events of a savepoint that rolled back were expunged: they are not in the database
+    new = sorted((item for item in noted or () if item in session), key=lambda e: e.id)
     if not new:
         return
     connection = session.connection()
     # Updating the head first takes the write lock (SQLite) / the row lock (PostgreSQL) until commit.
-    prev = connection.execute(
-        update(AuditHead).where(AuditHead.id == 1).values(length=AuditHead.length + len(new)).returning(AuditHead.last_hash)
-    ).scalar_one()
+    prev, length = connection.execute(
+        update(AuditHead).where(AuditHead.id == 1).values(length=AuditHead.length + len(new))
+        .returning(AuditHead.last_hash, AuditHead.length)
+    ).one()
     links = []
-    for item in new:
+    for seq, item in enumerate(new, start=length - len(new) + 1):
         digest = link(prev, canonical(item))
-        links.append({"event_id": item.id, "prev": prev, "digest": digest})
+        links.append({"event_id": item.id, "prev": prev, "digest": digest, "position": seq})
         prev = digest
     events = cast(Table, Event.__table__)
     connection.execute(update(events).where(events.c.id == bindparam("event_id"))
-                       .values(prev_hash=bindparam("prev"), hash=bindparam("digest")), links)
+                       .values(prev_hash=bindparam("prev"), hash=bindparam("digest"), seq=bindparam("position")), links)
     connection.execute(update(AuditHead).where(AuditHead.id == 1).values(last_hash=prev))
 
 
@@ -93,28 +119,38 @@ class Verification:
                 "findings": [{"event_id": f.event_id, "what": f.what} for f in self.findings]}
 
 
-def _events(session: Session, batch: int = 500) -> Iterator[Event]:
+def _events(session: Session, *, chained: bool, batch: int = 500) -> Iterator[Event]:
+    """The events before the chain (no ``seq``) in id order, or the chained ones in chain order."""
+    order = Event.seq if chained else Event.id
+    where = Event.seq.is_not(None) if chained else Event.seq.is_(None)
     last = 0
     while True:
-        rows = list(session.scalars(select(Event).where(Event.id > last).order_by(Event.id).limit(batch)))
+        rows = list(session.scalars(select(Event).where(where, order > last).order_by(order).limit(batch)))
         if not rows:
             return
         yield from rows
-        last = rows[-1].id
+        last = (rows[-1].seq or 0) if chained else rows[-1].id
 
 
 def _check_chain(session: Session, result: Verification) -> None:
-    prev: str | None = None
-    for item in _events(session):
+    last_unchained = 0
+    for item in _events(session, chained=False):
+        result.events += 1
+        if item.hash is not None or item.prev_hash is not None:
+            result.findings.append(Finding(item.id, "event has a hash but no place in the chain (seq removed?)"))
+            return
+        result.unchained += 1
+        last_unchained = item.id
+    prev = GENESIS
+    for position, item in enumerate(_events(session, chained=True), start=1):
         result.events += 1
         if item.hash is None:
-            if prev is not None:
-                result.findings.append(Finding(item.id, "event has no hash after the chain began (hash removed?)"))
-                return
-            result.unchained += 1
-            continue
-        expected_prev = GENESIS if prev is None else prev
-        if item.prev_hash != expected_prev:
+            result.findings.append(Finding(item.id, "event has no hash after the chain began (hash removed?)"))
+            return
+        if item.id < last_unchained:
+            result.findings.append(Finding(last_unchained, "event has no hash after the chain began (hash removed?)"))
+            return
+        if item.seq != position or item.prev_hash != prev:
             result.findings.append(Finding(item.id, "link broken: prev_hash does not match the event before it "
                                                     "(an event was deleted, inserted or reordered)"))
             return
@@ -125,7 +161,7 @@ def _check_chain(session: Session, result: Verification) -> None:
             return
         prev = item.hash
     head = session.get(AuditHead, 1)
-    if head is not None and prev is not None and head.last_hash != prev:
+    if head is not None and head.last_hash != prev:
         result.findings.append(Finding(None, "the newest events were removed: the chain head names a later event"))
 
 

@@ -33,7 +33,7 @@ from sqlalchemy import Engine, create_engine, delete, event, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from mailer.audit import chain_new_events
+from mailer.audit import chain_events, collect_events, forget_events
 from mailer.errors import DatabaseNotMigrated, MailerError
 from mailer.models import InboundMessage, Lease, OutboxMessage
 
@@ -146,7 +146,10 @@ class Database:
         self.owner = new_owner()
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        event.listen(self._sessions, "after_flush", chain_new_events)  # the audit chain (mailer.audit)
+        # the audit chain (mailer.audit): events noted at each flush, chained once at commit
+        event.listen(self._sessions, "after_flush", collect_events)
+        event.listen(self._sessions, "before_commit", chain_events)
+        event.listen(self._sessions, "after_soft_rollback", forget_events)
         # SQLite has one writer; queueing our own threads and processes on a lock is far
         # cheaper than letting them sleep in SQLite's busy handler. PostgreSQL needs none.
         self._write_lock: WriteLock | None = WriteLock(self.sqlite_path()) if url.startswith("sqlite") else None

@@ -136,9 +136,9 @@ def received(transport: str, size: int, message_id: str | None, inbound_id: int,
 
 
 def summarise(ctx: Any) -> dict[str, Any]:
-    """What processing one message did (call before its commit; reads only kinds, ids and reasons)."""
+    """What processing one message did (call after its commit; reads only kinds, ids and reasons the
+    transaction's flushes noted in ``session.info``, and attributes loaded before the commit)."""
     session = ctx.session
-    session.flush()  # the transaction's last flush: every event and outgoing mail has its id now
     events = [(kind, detail) for _, inbound_id, kind, detail in sorted(session.info.get("events", []), key=lambda e: e[0])
               if inbound_id == ctx.inbound.id]
     kinds = [kind for kind, _ in events]

@@ -198,6 +198,7 @@ class Event(Base):
     # the audit chain (mailer.audit): set in the transaction that adds the event
     prev_hash: Mapped[str | None] = mapped_column(String(64))
     hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    seq: Mapped[int | None] = mapped_column(Integer, unique=True)  # place in the chain (1, 2, ...)
 
     report: Mapped[Report | None] = relationship(back_populates="events")
 

@@ -188,12 +188,12 @@ class Worker:
                     return Outcome(inbound_id)
                 ctx = read.carried_to(session, inbound, self.clock())
                 self.pipeline.write(ctx)
-                summary = logs.summarise(ctx)
                 inbound.state = InboundState.DONE.value
                 inbound.processed_at = ctx.now
                 inbound.failed_step = inbound.last_error = None
                 inbound.claimed_by = inbound.claimed_until = None
-            return Outcome(inbound_id, completed=True, summary=summary)
+            # after the commit (its flush gave every event and outgoing mail its id); nothing is expired on commit
+            return Outcome(inbound_id, completed=True, summary=logs.summarise(ctx))
         except StepError as exc:
             return self._record_failure(inbound_id, exc.step, exc)
         except Exception as exc:  # noqa: BLE001 - e.g. the database went away mid-commit
@@ -247,7 +247,7 @@ class Worker:
         never waits for the next claim.
         """
         self._processes = pool
-        self.concurrency = min(self.config.worker.concurrency, processes + 1)
+        self.concurrency = min(self.config.worker.concurrency, processes + 3)
 
     def _run_one(self, loop: asyncio.AbstractEventLoop, inbound_id: int) -> asyncio.Future[Outcome]:
         if self._processes is None:

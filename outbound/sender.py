@@ -166,6 +166,9 @@ def transport_for(url: str, config: RelayConfig) -> Transport:
     return SmtpTransport(config.model_copy(update={"url": url}))
 
 
+#: one attempt: the row as sent (its signed bytes, if signed now) and the relay's refusal, if any
+Attempt = tuple[OutboxMessage, DeliveryError | None]
+
 #: acknowledgements first (the reporters' SLA), then in the order queued
 ACKS_FIRST = (case((OutboxMessage.kind == MailKind.ACK.value, 0), else_=1), OutboxMessage.id)
 
@@ -198,6 +201,7 @@ class Sender:
         self.stopping = asyncio.Event()
         self.busy = False  # inside a drain (shutdown waits for the mail being sent)
         self._held: list[int] = []
+        self._signed: set[int] = set()  # rows signed in this pass, their bytes not stored yet
 
     def _claim(self, skip: frozenset[int] = frozenset()) -> list[OutboxMessage]:
         now = self.clock()
@@ -218,50 +222,68 @@ class Sender:
         with self.db.session() as session:
             got = claim(session, OutboxMessage, candidates, owner=self.db.owner, now=now, lease=self.lease,
                         where=OutboxMessage.state == OutboxState.PENDING.value)
-            if not got:
-                return []
+        if not got:
+            return []
+        with self.db.reading() as session:  # ours now: the rows (and their sealed bytes) are read without the lock
             return list(session.scalars(select(OutboxMessage).where(OutboxMessage.id.in_(got)).order_by(*ACKS_FIRST)))
 
-    def _record(self, row_id: int, error: DeliveryError | None) -> None:
-        self._record_many([(row_id, error)])
+    def _record_many(self, outcomes: list[Attempt]) -> None:
+        """The outcomes of a batch in one transaction, with the bytes signed for it (:meth:`_sign`).
 
-    def _record_many(self, outcomes: list[tuple[int, DeliveryError | None]]) -> None:
+        The rows' current state is read without their bytes; a row no longer ours
+        (taken over after our lease ran out, dismissed) is left alone.
+        """
         now = self.clock()
+        table = cast(Table, OutboxMessage.__table__)
         with self.db.session() as session:
-            rows = session.scalars(
-                select(OutboxMessage).where(OutboxMessage.id.in_([row_id for row_id, _ in outcomes])).with_for_update()
-            )
-            by_id = {row.id: row for row in rows}
-            report_ids = {row.report_id for row in by_id.values() if row.report_id is not None}
+            current = {
+                found.id: found for found in session.execute(
+                    select(table.c.id, table.c.claimed_by, table.c.state, table.c.attempts, table.c.deliver_until)
+                    .where(table.c.id.in_([row.id for row, _ in outcomes])).with_for_update()
+                )
+            }
+            report_ids = {row.report_id for row, _ in outcomes if row.report_id is not None}
             tracking: dict[int, str] = {}
             if report_ids:
                 query = select(Report.id, Report.tracking_id).where(Report.id.in_(report_ids))
                 tracking.update((report_id, tracking_id) for report_id, tracking_id in session.execute(query))
-            for row_id, error in outcomes:
-                row = by_id.get(row_id)
-                if row is None:  # removed meanwhile (`mailer outbox dismiss`, retention)
+            changes: dict[tuple[str, ...], list[dict[str, object]]] = {}
+            for row, error in outcomes:
+                found = current.get(row.id)
+                if found is None:  # removed meanwhile (`mailer outbox dismiss`, retention)
                     continue
-                if row.claimed_by not in (None, self.db.owner) or row.state != OutboxState.PENDING.value:
-                    log.warning("outgoing message %s was taken over by %s while we sent it", row.id, row.claimed_by)
+                if found.claimed_by not in (None, self.db.owner) or found.state != OutboxState.PENDING.value:
+                    log.warning("outgoing message %s was taken over by %s while we sent it", row.id, found.claimed_by)
                     continue
-                self._apply(session, row, error, now, tracking.get(row.report_id or 0))
+                values = self._apply(session, row, attempts=found.attempts, deliver_until=found.deliver_until,
+                                     error=error, now=now, tracking=tracking.get(row.report_id or 0))
+                if row.id in self._signed:
+                    values["raw"], values["needs_signature"] = row.raw, False
+                changes.setdefault(tuple(sorted(values)), []).append({**values, "row_id": row.id})
+            for columns, params in changes.items():
+                change = update(table).where(table.c.id == bindparam("row_id")).values(
+                    {name: bindparam(name, type_=table.c[name].type) for name in columns})
+                session.connection().execute(change, params)
+        for row, _ in outcomes:
+            self._signed.discard(row.id)
 
-    def _apply(self, session: Session, row: OutboxMessage, error: DeliveryError | None, now: datetime,
-               tracking: str | None) -> None:
-        row.attempts += 1
-        row.claimed_by = row.claimed_until = None
+    def _apply(self, session: Session, row: OutboxMessage, *, attempts: int, deliver_until: datetime,
+               error: DeliveryError | None, now: datetime, tracking: str | None) -> dict[str, object]:
+        """The row's new column values for this outcome (logged, and alerted on when it failed for good)."""
+        row.attempts = attempts + 1
+        values: dict[str, object] = {"attempts": row.attempts, "claimed_by": None, "claimed_until": None}
         if error is None:
-            row.state, row.sent_at, row.last_error = OutboxState.SENT.value, now, None
+            values.update(state=OutboxState.SENT.value, sent_at=now, last_error=None)
             logs.delivery(row, "sent", None, tracking)
-            return
-        row.last_error = str(error)[:4000]
-        expired = now >= row.deliver_until
+            return values
+        values["last_error"] = row.last_error = str(error)[:4000]
+        expired = now >= deliver_until
         if error.temporary and not expired:
             delay = backoff(row.attempts, base=RETRY_BASE.total_seconds(), cap=MAX_BACKOFF.total_seconds())
-            row.next_attempt_at = now + timedelta(seconds=delay)
+            values["next_attempt_at"] = now + timedelta(seconds=delay)
             logs.delivery(row, "deferred", error, tracking)
-            return
-        row.state = OutboxState.FAILED.value
+            return values
+        values["state"] = OutboxState.FAILED.value
         logs.delivery(row, "failed", error, tracking)
         reason = "retry deadline passed" if error.temporary else "permanent failure"
         log.error("ALERT: outgoing message %s to %s not delivered (%s): %s", row.id, row.rcpt_tos, reason, error)
@@ -269,6 +291,7 @@ class Sender:
             Event(report_id=row.report_id, kind="delivery.failed", at=now,
                   detail={"outbox_id": row.id, "reason": reason, "error": row.last_error, "to": row.rcpt_tos})
         )
+        return values
 
     async def _keep_claims(self) -> None:
         """Renew the claims on the rows in hand every third of the lease while a batch is sent."""
@@ -288,7 +311,7 @@ class Sender:
             while not self.stopping.is_set() and (rows := await asyncio.to_thread(self._claim, frozenset(failed))):
                 seen.clear()
                 self._held = [row.id for row in rows]
-                outcomes: list[tuple[int, DeliveryError | None]] = []
+                outcomes: list[Attempt] = []
                 # signed a chunk at a time, the next chunk while this one is sent: the first mail
                 # goes out after a few signatures, not after the whole batch's
                 chunks = [rows[i:i + self.CHUNK] for i in range(0, len(rows), self.CHUNK)]
@@ -303,7 +326,7 @@ class Sender:
                                 break
                             seen.add(row.id)
                             if row.id in unsigned:  # signing failed: a temporary failure, tried again later
-                                outcomes.append((row.id, unsigned[row.id]))
+                                outcomes.append((row, unsigned[row.id]))
                                 failed.add(row.id)
                                 continue
                             error: DeliveryError | None = None
@@ -312,17 +335,19 @@ class Sender:
                             except DeliveryError as exc:
                                 error = exc
                                 failed.add(row.id)
-                            outcomes.append((row.id, error))
+                            outcomes.append((row, error))
                             sent += error is None
                             if len(outcomes) >= self.RECORD_EVERY:
                                 await self._flush(outcomes)
                         if self.stopping.is_set():
                             break
                 finally:
-                    # a chunk being signed is finished (its signed bytes stored) before its claims are handed back
+                    # a chunk being signed is finished before its claims are handed back (its bytes are dropped)
                     await asyncio.shield(asyncio.gather(signing, return_exceptions=True))
                     # shielded: a cancel (shutdown) still records what went out, and hands back the rest
-                    await asyncio.shield(self._settle(outcomes, [row.id for row in rows if row.id not in seen]))
+                    unsent = [row.id for row in rows if row.id not in seen]
+                    self._signed.difference_update(unsent)
+                    await asyncio.shield(self._settle(outcomes, unsent))
         finally:
             self.busy = False
             keeper.cancel()
@@ -331,10 +356,13 @@ class Sender:
         return sent
 
     async def _sign(self, rows: list[OutboxMessage]) -> dict[int, DeliveryError]:
-        """Sign the rows queued unsigned, several at once, and store the signed bytes before any is sent.
+        """Sign the rows queued unsigned, several at once; returns the rows that could not be, with the reason.
 
-        Storing first means a retry sends exactly the bytes of the first attempt.
-        Returns the rows that could not be signed, with the reason.
+        The signed bytes replace the row's in memory and are stored with the
+        outcome of their attempt (:meth:`_record_many`), so a deferred mail is
+        retried with the same bytes. A mail sent but not recorded (the process
+        died in between) is signed again for its next attempt: the same
+        Message-ID and content, a new signature.
         """
         pending = [row for row in rows if row.needs_signature]
         if not pending or self.signer is None:
@@ -348,38 +376,22 @@ class Sender:
                 except Exception as exc:  # noqa: BLE001 - recorded on the row as a temporary failure
                     return row, exc
 
-        signed: list[tuple[int, bytes]] = []
         failed: dict[int, DeliveryError] = {}
         for row, result in await asyncio.gather(*(one(row) for row in pending)):
             if isinstance(result, Exception):
                 log.error("outgoing message %s could not be signed (or encrypted): %s", row.id, result)
                 failed[row.id] = DeliveryError(f"signing failed: {result}", temporary=True)
             else:
-                signed.append((row.id, result))
-        if signed:
-            await asyncio.to_thread(self._store_signed, signed)
-            by_id = dict(signed)
-            for row in pending:
-                if row.id in by_id:
-                    row.raw, row.needs_signature = by_id[row.id], False
+                row.raw, row.needs_signature = result, False
+                self._signed.add(row.id)
         return failed
 
-    def _store_signed(self, signed: list[tuple[int, bytes]]) -> None:
-        """One statement for the batch; a row no longer ours (or already signed) is left alone."""
-        table = cast(Table, OutboxMessage.__table__)
-        store = (update(table)
-                 .where(table.c.id == bindparam("row_id"), table.c.needs_signature.is_(True),
-                        table.c.claimed_by == self.db.owner)
-                 .values(raw=bindparam("signed", type_=table.c.raw.type), needs_signature=False))
-        with self.db.session() as session:
-            session.connection().execute(store, [{"row_id": row_id, "signed": raw} for row_id, raw in signed])
-
-    async def _flush(self, outcomes: list[tuple[int, DeliveryError | None]]) -> None:
+    async def _flush(self, outcomes: list[Attempt]) -> None:
         batch = list(outcomes)
         outcomes.clear()
         await asyncio.to_thread(self._record_many, batch)
 
-    async def _settle(self, outcomes: list[tuple[int, DeliveryError | None]], unsent: list[int]) -> None:
+    async def _settle(self, outcomes: list[Attempt], unsent: list[int]) -> None:
         if outcomes:
             await self._flush(outcomes)
         if unsent:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from sqlalchemy import delete, select, text, update
 
 from mailer import audit
 from mailer.app import Service
+from mailer.config import ParsingConfig
+from mailer.db import Database
 from mailer.models import CommandSignature, Event, InboundMessage
+from mailer.openpgp import OpenPGP
+from tests.conftest import gnupg_home
 from tests.gpgtools import Home
 from tests.test_cli import mailer
 from tests.test_commands import file_report, mara, send_command, signed, svc
@@ -87,3 +93,61 @@ async def test_cli_audit_verify_and_show(svc: Service, mara: tuple[Home, str]) -
         session.execute(text("UPDATE events SET kind = 'note' WHERE kind = 'state.accept'"))
     code, out = await mailer(svc.config, "audit", "verify")
     assert code == 1 and "BROKEN" in out
+
+
+def test_interleaved_transactions_chain_in_commit_order(migrated: str) -> None:
+    """Two writers whose events' ids interleave (PostgreSQL takes ids at INSERT): the chain is in commit order,
+    every event of a rolled-back savepoint or transaction stays out of it, and the whole chain verifies."""
+    db = Database(migrated)
+    try:
+        first, second = db._sessions(), db._sessions()  # two transactions at once, as two instances have
+        if db.is_sqlite:  # one writer at a time: the second transaction's inserts wait for the first commit
+            first.add(Event(kind="a.1"))
+            first.flush()
+            first.add(Event(kind="a.2"))
+            first.commit()
+            second.add(Event(kind="b.1"))
+            second.commit()
+        else:
+            first.add(Event(kind="a.1"))
+            first.flush()
+            second.add(Event(kind="b.1"))
+            second.flush()
+            first.add(Event(kind="a.2"))
+            first.flush()
+            first.commit()  # chains a.1, a.2 (ids 1 and 3)
+            second.commit()  # then b.1 (id 2)
+        with db.session() as session:
+            session.add(Event(kind="kept"))
+            savepoint = session.begin_nested()
+            session.add(Event(kind="rolled back with its savepoint"))
+            session.flush()
+            savepoint.rollback()
+        with contextlib.suppress(RuntimeError), db.session() as session:
+            session.add(Event(kind="rolled back with its transaction"))
+            session.flush()
+            raise RuntimeError("the transaction fails after its flush")
+        with db.session() as session:
+            rows = list(session.execute(select(Event.kind, Event.seq, Event.id).order_by(Event.seq)))
+            result = audit.verify(session, OpenPGP(gnupg_home()), ParsingConfig())
+        assert [kind for kind, _seq, _id in rows] == ["a.1", "a.2", "b.1", "kept"]
+        assert [seq for _kind, seq, _id in rows] == [1, 2, 3, 4]
+        if not db.is_sqlite:
+            assert [id_ for _kind, _seq, id_ in rows][:3] != sorted(id_ for _kind, _seq, id_ in rows)[:3]
+        assert result.ok, result.findings
+        assert result.events == 4
+    finally:
+        first.close()
+        second.close()
+        db.dispose()
+
+
+async def test_a_removed_place_in_the_chain_is_found(svc: Service, mara: tuple[Home, str]) -> None:
+    """An event taken out of the chain order (seq and hash cleared) is named, as a hash removed."""
+    home, fpr = mara
+    await _life(svc, home, fpr)
+    with svc.db.session() as session:
+        ids = list(session.scalars(select(Event.id).order_by(Event.seq)))
+        session.execute(update(Event).where(Event.id == ids[3]).values(seq=None, hash=None, prev_hash=None))
+    result = verify(svc)
+    assert not result.ok and "no hash after the chain began" in result.findings[0].what

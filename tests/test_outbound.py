@@ -144,7 +144,7 @@ async def test_outbox_rows_are_serialised_with_crlf(service: Service) -> None:
 async def test_sign_only_mail_is_signed_by_the_sender_before_its_first_attempt(
     service: Service, relay: CaptureRelay
 ) -> None:
-    """Acks are queued unsigned, signed by the sender and stored signed before sending: the relay gets those bytes."""
+    """Acks are queued unsigned, signed by the sender and stored signed with the attempt: the relay got those bytes."""
     await queue_one(service)
     queued = rows(service)
     assert queued and all(r.needs_signature for r in queued)  # no maintainer has a key: all three are sign-only
