@@ -27,7 +27,7 @@ from mailer.db import Database
 from mailer.models import Event, Report, ScheduledMail, ScheduledMailState
 from mailer.openpgp import OpenPGP
 from mailer.outgoing import MailKind, Outgoing, Postman
-from mailer.scheduler import facts_from_report
+from mailer.scheduler import facts_of_reports
 from mailer.timeline import OPEN_STATES, plan
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,11 @@ class Digest:
         """The open reports as the digest lists them, waiting-on-a-maintainer first."""
         cfg = self.config.schedule
         out: list[Line] = []
-        with self.db.session() as session:
+        with self.db.reading() as session:  # it only reads: no SQLite write lock for a pass over every open report
             mail = Correspondence(session, self.config, self.postman, self.gpg, now=now)
-            reports = session.scalars(select(Report).where(Report.state.in_(sorted(OPEN_STATES))).order_by(Report.id))
-            for report in reports:
-                facts = facts_from_report(session, report, lambda a: mail.member_key_problem(a) is None)
+            reports = list(session.scalars(select(Report).where(Report.state.in_(sorted(OPEN_STATES))).order_by(Report.id)))
+            every = facts_of_reports(session, reports, lambda a: mail.member_key_problem(a) is None)
+            for report, facts in zip(reports, every, strict=True):
                 upcoming = [item for item in plan(facts, self.config, now) if item.due_at >= now or item.state == "held"]
                 held = [item for item in upcoming if item.state == "held" and item.due_at <= now]
                 deadlines = [item for item in upcoming if item.kind == "reminder"]

@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -64,12 +64,60 @@ _MOVES = {target.value: frozenset(s.value for s in sources)
           for sources, target in (states.TRANSITIONS["announce"], states.TRANSITIONS["publish"]) if target is not None}
 
 
+@dataclass
+class _Loaded:
+    """What :func:`facts_from_report` reads besides the report row, for one report."""
+
+    members: list[EmbargoMember] = field(default_factory=list)
+    events: list[tuple[str, datetime, dict[str, Any]]] = field(default_factory=list)
+    notices: list[ScheduledMail] = field(default_factory=list)
+
+
+def _load(session: Session, report_ids: list[int]) -> dict[int, _Loaded]:
+    """Members, events and sent embargo notices of several reports: three queries, not three per report."""
+    loaded = {report_id: _Loaded() for report_id in report_ids}
+    for member in session.scalars(select(EmbargoMember).where(EmbargoMember.report_id.in_(report_ids))
+                                  .order_by(EmbargoMember.id)):
+        loaded[member.report_id].members.append(member)
+    query = (select(Event.report_id, Event.kind, Event.at, Event.detail)
+             .where(Event.report_id.in_(report_ids)).order_by(Event.id))
+    for report_id, kind, at, detail in session.execute(query):
+        loaded[report_id].events.append((kind, at, detail))
+    for row in session.scalars(
+        select(ScheduledMail).where(ScheduledMail.report_id.in_(report_ids), ScheduledMail.kind == Kind.EMBARGO_NOTICE.value,
+                                    ScheduledMail.state == ScheduledMailState.SENT.value).order_by(ScheduledMail.id)
+    ):
+        if row.report_id is not None:
+            loaded[row.report_id].notices.append(row)
+    return loaded
+
+
+def facts_of_reports(session: Session, reports: Iterable[Report], key_ok: Callable[[str], bool], *,
+                     batch: int = 200) -> Iterator[ReportFacts]:
+    """:func:`facts_from_report` for many reports, loaded ``batch`` reports at a time."""
+    chunk: list[Report] = []
+    for report in reports:
+        chunk.append(report)
+        if len(chunk) >= batch:
+            yield from _facts_of_chunk(session, chunk, key_ok)
+            chunk = []
+    if chunk:
+        yield from _facts_of_chunk(session, chunk, key_ok)
+
+
+def _facts_of_chunk(session: Session, reports: list[Report], key_ok: Callable[[str], bool]) -> Iterator[ReportFacts]:
+    loaded = _load(session, [report.id for report in reports])
+    for report in reports:
+        yield _facts(report, loaded[report.id], key_ok)
+
+
 def facts_from_report(session: Session, report: Report, key_ok: Callable[[str], bool]) -> ReportFacts:
     """The :class:`ReportFacts` of ``report``: its row, embargo members, events and sent embargo notices."""
-    members = list(session.scalars(select(EmbargoMember).where(EmbargoMember.report_id == report.id).order_by(EmbargoMember.id)))
-    events = session.execute(
-        select(Event.kind, Event.at, Event.detail).where(Event.report_id == report.id).order_by(Event.id)
-    ).all()
+    return _facts(report, _load(session, [report.id])[report.id], key_ok)
+
+
+def _facts(report: Report, loaded: _Loaded, key_ok: Callable[[str], bool]) -> ReportFacts:
+    members, events = loaded.members, loaded.events
 
     def first(kinds: Iterable[str]) -> datetime | None:
         times = [at for kind, at, _ in events if kind in kinds]
@@ -86,10 +134,7 @@ def facts_from_report(session: Session, report: Report, key_ok: Callable[[str], 
         and not (detail["address"] in current and current[detail["address"]] >= at)
     )
     notified: dict[str, dict[str, str]] = {}
-    for row in session.scalars(
-        select(ScheduledMail).where(ScheduledMail.report_id == report.id, ScheduledMail.kind == Kind.EMBARGO_NOTICE.value,
-                                    ScheduledMail.state == ScheduledMailState.SENT.value).order_by(ScheduledMail.id)
-    ):
+    for row in loaded.notices:
         if row.recipients and isinstance(row.detail.get("snapshot"), dict):
             notified[str(row.recipients[0])] = dict(row.detail["snapshot"])
     description = str(report.fields.get("description", "")).strip().splitlines()
@@ -147,8 +192,10 @@ class Scheduler:
                 known[address] = correspondence.member_key_problem(address) is None
             return known[address]
 
-        reports = session.scalars(select(Report).where(Report.state.in_(sorted(PLANNED_STATES))).order_by(Report.id))
-        items = plan_all([facts_from_report(session, r, key_ok) for r in reports], self.config, now)
+        # streamed, 200 at a time: a flood leaves thousands of open reports, each row with the report's text
+        reports = session.scalars(select(Report).where(Report.state.in_(sorted(PLANNED_STATES))).order_by(Report.id)
+                                  .execution_options(yield_per=200))
+        items = plan_all(list(facts_of_reports(session, reports, key_ok)), self.config, now)
         keys = [item.key for item in items]
         recorded: set[str] = set()
         for start in range(0, len(keys), 500):
@@ -188,7 +235,9 @@ class Scheduler:
         now = self.clock()
         handled = 0
         for _ in range(MAX_ROUNDS):
-            with self.db.session() as session:
+            # planning only reads (without SQLite's write lock: it covers every open report); each item
+            # is claimed, re-checked and sent in a transaction of its own (_handle)
+            with self.db.reading() as session:
                 items, recorded = self._plan(session, now)
             due = [item for item in items if item.due_at <= now]
             covered = [item for item in due if item.key in recorded and item.moves_to]
