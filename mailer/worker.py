@@ -286,7 +286,11 @@ class Worker:
                 await self._yield_to_intake()
                 busy = frozenset(sender for _, sender in self._inflight.values())
                 self.wake.clear()
-                for inbound_id, sender in await asyncio.to_thread(self.claim, free, busy=busy, skip=frozenset(failed)):
+                got = await asyncio.to_thread(self.claim, free, busy=busy, skip=frozenset(failed))
+                if not self.accepting:  # the shutdown began while we claimed: hand them back, start nothing
+                    await asyncio.to_thread(self.release, [inbound_id for inbound_id, _ in got])
+                    got = []
+                for inbound_id, sender in got:
                     self._inflight[self._run_one(loop, inbound_id)] = (inbound_id, sender)
             if not self._inflight:
                 return done
