@@ -117,7 +117,8 @@ async def test_encrypted_report_is_not_in_the_database_files_or_a_dump(tmp_path:
 async def test_legacy_plaintext_rows_are_sealed_at_start(tmp_path: Path, migrated: str, relay: CaptureRelay,
                                                          keys: Keys) -> None:
     """Item 2: rows stored in the clear (before 0006) stay readable and are encrypted by the next start."""
-    async with running(tmp_path, migrated, relay, keys) as service:
+    # the old version is played by this process without a data key: processing must run in this process
+    async with running(tmp_path, migrated, relay, keys, worker={"processes": 0}) as service:
         raw = encrypted_report(keys, service)
         atrest.install(None)  # as before this version: no data key, values written in the clear
         await asend(smtp_port(service), raw)

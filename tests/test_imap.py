@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from inbound.imap import ImapPoller, import_since
 from inbound.imap_client import uid_set
-from mailer.app import Service
+from mailer.app import Service, install_data_key
 from mailer.config import Config
 from mailer.db import Database
 from mailer.models import InboundMessage, Report
@@ -141,6 +141,7 @@ async def test_crash_between_commit_and_move_makes_no_duplicate(
     """A poller killed after committing but before moving re-fetches on restart, and dedup keeps it one report each."""
     await append(dovecot, [make_message(i) for i in range(200)])
     config = imap_config(tmp_path, migrated, relay, dovecot)
+    install_data_key(config)  # the poller seals what it stores with the data key, as in the service it runs in
     db = Database(migrated)
     task = asyncio.create_task(CrashBeforeSecondMove(config.imap, db).run())
     with pytest.raises(asyncio.CancelledError):
