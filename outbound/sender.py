@@ -201,7 +201,8 @@ class Sender:
         self.stopping = asyncio.Event()
         self.busy = False  # inside a drain (shutdown waits for the mail being sent)
         self._held: list[int] = []
-        self._signed: set[int] = set()  # rows signed in this pass, their bytes not stored yet
+        #: rows signed in this pass (by id: the very object signed), their bytes not stored yet
+        self._signed: dict[int, OutboxMessage] = {}
 
     def _claim(self, skip: frozenset[int] = frozenset()) -> list[OutboxMessage]:
         now = self.clock()
@@ -257,7 +258,7 @@ class Sender:
                     continue
                 values = self._apply(session, row, attempts=found.attempts, deliver_until=found.deliver_until,
                                      error=error, now=now, tracking=tracking.get(row.report_id or 0))
-                if row.id in self._signed:
+                if self._signed.get(row.id) is row:  # signed now (a row claimed again is another object)
                     values["raw"], values["needs_signature"] = row.raw, False
                 changes.setdefault(tuple(sorted(values)), []).append({**values, "row_id": row.id})
             for columns, params in changes.items():
@@ -265,7 +266,7 @@ class Sender:
                     {name: bindparam(name, type_=table.c[name].type) for name in columns})
                 session.connection().execute(change, params)
         for row, _ in outcomes:
-            self._signed.discard(row.id)
+            self._signed.pop(row.id, None)
 
     def _apply(self, session: Session, row: OutboxMessage, *, attempts: int, deliver_until: datetime,
                error: DeliveryError | None, now: datetime, tracking: str | None) -> dict[str, object]:
@@ -307,6 +308,7 @@ class Sender:
         failed: set[int] = set()  # not taken again in this pass (sent rows are no longer due anyway)
         keeper = asyncio.ensure_future(self._keep_claims())
         self.busy = True
+        self._signed.clear()  # what an aborted pass signed was never stored: its rows are signed again
         try:
             while not self.stopping.is_set() and (rows := await asyncio.to_thread(self._claim, frozenset(failed))):
                 seen.clear()
@@ -346,7 +348,8 @@ class Sender:
                     await asyncio.shield(asyncio.gather(signing, return_exceptions=True))
                     # shielded: a cancel (shutdown) still records what went out, and hands back the rest
                     unsent = [row.id for row in rows if row.id not in seen]
-                    self._signed.difference_update(unsent)
+                    for row_id in unsent:
+                        self._signed.pop(row_id, None)
                     await asyncio.shield(self._settle(outcomes, unsent))
         finally:
             self.busy = False
@@ -383,7 +386,7 @@ class Sender:
                 failed[row.id] = DeliveryError(f"signing failed: {result}", temporary=True)
             else:
                 row.raw, row.needs_signature = result, False
-                self._signed.add(row.id)
+                self._signed[row.id] = row
         return failed
 
     async def _flush(self, outcomes: list[Attempt]) -> None:

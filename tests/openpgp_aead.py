@@ -8,13 +8,14 @@ holding a literal data packet. The recipient's key comes from ``gpg --with-key-d
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESOCB3
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
+
+from mailer.openpgp.agent import armor as armor_block
 
 AES256, OCB, ECDH = 9, 2, 18
 
@@ -76,22 +77,8 @@ def _aead(session_key: bytes, plaintext: bytes, chunk_byte: int = 4) -> bytes:
     return _packet(20, bytes([1, AES256, OCB, chunk_byte]) + iv + out)
 
 
-def _crc24(data: bytes) -> int:
-    crc = 0xB704CE
-    for byte in data:
-        crc ^= byte << 16
-        for _ in range(8):
-            crc <<= 1
-            if crc & 0x1000000:
-                crc ^= 0x1864CFB
-    return crc & 0xFFFFFF
-
-
 def armor(binary: bytes) -> bytes:
-    b64 = base64.b64encode(binary).decode()
-    lines = [b64[i:i + 64] for i in range(0, len(b64), 64)]
-    crc = base64.b64encode(_crc24(binary).to_bytes(3, "big")).decode()
-    return ("-----BEGIN PGP MESSAGE-----\n\n" + "\n".join(lines) + f"\n={crc}\n-----END PGP MESSAGE-----\n").encode()
+    return armor_block(binary, "MESSAGE")
 
 
 def ocb_message(plaintext: bytes, recipient_colons: str, *, armored: bool = True) -> bytes:

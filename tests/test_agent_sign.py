@@ -16,7 +16,7 @@ import pytest
 
 from mailer.metrics import GPG
 from mailer.openpgp import CryptoError, OpenPGP
-from mailer.openpgp.agent import AgentError, armor_signature, crc24, parse_sexp
+from mailer.openpgp.agent import AgentError, armor, crc24, parse_sexp
 from tests.conftest import gnupg_home
 from tests.gpgtools import Home, kill_and_remove, short_tmpdir
 
@@ -76,7 +76,7 @@ def test_armor_is_the_one_gpg_writes(reader: Home) -> None:
     made_by_gpg = gpg.sign_detached(DATA, via_agent=False).signature
     body = made_by_gpg.split(b"\n\n", 1)[1].rsplit(b"\n=", 1)[0]
     packet = base64.b64decode(body)
-    assert armor_signature(packet) == made_by_gpg  # line length, CRC line, LF endings
+    assert armor(packet) == made_by_gpg  # line length, CRC line, LF endings
     assert crc24(b"") == 0xB704CE
     gpg.kill_agent()
 

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-__all__ = ["AgentError", "AgentKey", "AgentSigner", "armor_signature", "crc24", "parse_sexp"]
+__all__ = ["AgentError", "AgentKey", "AgentSigner", "armor", "crc24", "parse_sexp"]
 
 #: OpenPGP public-key algorithm ids (RFC 4880 §9.1; 22 = EdDSA as GnuPG 2.2 writes it) -> the agent's name
 _ALGORITHMS = {1: "rsa", 19: "ecdsa", 22: "eddsa"}
@@ -127,13 +127,13 @@ def crc24(data: bytes) -> int:
     return crc & 0xFFFFFF
 
 
-def armor_signature(packet: bytes) -> bytes:
+def armor(packet: bytes, block: str = "SIGNATURE") -> bytes:
     """ASCII armor (RFC 4880 §6.2) as gpg writes it: LF line ends, 64 columns, the CRC line."""
     body = base64.b64encode(packet)
     lines = [body[i:i + 64] for i in range(0, len(body), 64)]
     checksum = base64.b64encode(crc24(packet).to_bytes(3, "big"))
-    return b"\n".join([b"-----BEGIN PGP SIGNATURE-----", b"", *lines, b"=" + checksum,
-                       b"-----END PGP SIGNATURE-----", b""])
+    return b"\n".join([f"-----BEGIN PGP {block}-----".encode(), b"", *lines, b"=" + checksum,
+                       f"-----END PGP {block}-----".encode(), b""])
 
 
 def _signature_values(sexp: list[object], algorithm: int) -> bytes:
@@ -281,4 +281,4 @@ class AgentSigner:
 
     def sign(self, data: bytes) -> bytes:
         """An armored detached signature over *data*, as ``gpg -sa --detach-sign --digest-algo SHA256`` makes."""
-        return armor_signature(signature_packet(data, self.key, self.sign_digest))
+        return armor(signature_packet(data, self.key, self.sign_digest))
