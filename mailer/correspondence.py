@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from email.utils import parseaddr
 
-from sqlalchemy import select
+from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 
 from mailer.config import Config, Maintainer
@@ -63,6 +63,9 @@ def notice_recipients(config: Config, report: Report | None) -> list[Maintainer]
 
 def reporter_key(session: Session, report: Report) -> bytes | None:
     """The newest key the reporter sent for this report, if any."""
+    if not inspect(report).has_identity:  # filed in this transaction, not flushed: its keys were added with it
+        added = [item for item in session.new if isinstance(item, ReportKey) and item.report is report]
+        return added[-1].key_blob if added else None
     query = select(ReportKey.key_blob).where(ReportKey.report_id == report.id).order_by(ReportKey.id.desc()).limit(1)
     return session.scalar(query)
 
@@ -83,8 +86,8 @@ class Correspondence:
         self.session, self.config, self.postman, self.gpg = session, config, postman, gpg
         self.now, self.inbound_id = now, inbound_id
 
-    def _event(self, report_id: int | None, kind: str, **detail: object) -> None:
-        self.session.add(Event(report_id=report_id, kind=kind, detail=detail, inbound_id=self.inbound_id, at=self.now))
+    def _event(self, report: Report | None, kind: str, **detail: object) -> None:
+        self.session.add(Event(report=report, kind=kind, detail=detail, inbound_id=self.inbound_id, at=self.now))
 
     # ----------------------------------------------------------------- maintainers
 
@@ -111,12 +114,12 @@ class Correspondence:
         if problem is not None and not reply:
             log.warning("mail to %s %s report content: %s", maintainer.address,
                         "carries" if detailed else "omits", problem)
-            self._event(outgoing.report_id, "notice.without_encryption", to=maintainer.address,
+            self._event(outgoing.report, "notice.without_encryption", to=maintainer.address,
                         reason=problem, content_included=detailed)
         try:
             return self.postman.enqueue(self.session, mail)
         except CryptoError as exc:  # the key went bad since we looked: fail closed, still tell them
-            self._event(outgoing.report_id, "notice.without_encryption", to=maintainer.address,
+            self._event(outgoing.report, "notice.without_encryption", to=maintainer.address,
                         reason=str(exc), content_included=False)
             context = {**mail.context, "detailed": False, "key_problem": str(exc)}
             return self.postman.enqueue(self.session, replace(mail, context=context, encrypt_to=()))
@@ -143,12 +146,12 @@ class Correspondence:
         ``must_encrypt`` nothing is sent unless it can be encrypted.
         """
         if valid_address(report.reporter) is None:
-            self._event(report.id, f"{what}.not_sent", reason=f"reporter address {report.reporter!r} is not deliverable")
+            self._event(report, f"{what}.not_sent", reason=f"reporter address {report.reporter!r} is not deliverable")
             return None
         key_blob = reporter_key(self.session, report)
         clear_ok = not report.flags.get("encrypted")
         if key_blob is None and must_encrypt:
-            self._event(report.id, f"{what}.not_sent", reason="the reporter has sent no OpenPGP key")
+            self._event(report, f"{what}.not_sent", reason="the reporter has sent no OpenPGP key")
             return None
         mail = replace(outgoing, to=report.reporter, key_blob=key_blob, attach_key=key_blob is None, context={
             **outgoing.context, "report": report, "have_key": key_blob is not None,
@@ -157,7 +160,7 @@ class Correspondence:
         try:
             return Delivery(self.postman.enqueue(self.session, mail), encrypted=key_blob is not None)
         except CryptoError as exc:  # the reporter's key is expired or cannot encrypt
-            self._event(report.id, f"{what}.reporter_key_unusable", reason=str(exc))
+            self._event(report, f"{what}.reporter_key_unusable", reason=str(exc))
             if must_encrypt:
                 return None
             mail = replace(mail, key_blob=None, attach_key=True,
@@ -185,13 +188,13 @@ class Correspondence:
         """Encrypted to the member's key, or nothing at all (fail closed)."""
         fingerprint = self.member_key(address)
         if fingerprint is None:
-            self._event(outgoing.report_id, f"{outgoing.kind.value}.not_sent", to=address,
+            self._event(outgoing.report, f"{outgoing.kind.value}.not_sent", to=address,
                         reason="no usable OpenPGP key for this embargo member")
             return None
         try:
             return self.postman.enqueue(self.session, replace(outgoing, to=address, encrypt_to=(fingerprint,)))
         except CryptoError as exc:
-            self._event(outgoing.report_id, f"{outgoing.kind.value}.not_sent", to=address, reason=str(exc))
+            self._event(outgoing.report, f"{outgoing.kind.value}.not_sent", to=address, reason=str(exc))
             return None
 
     def to_list(self, address: str, outgoing: Outgoing) -> OutboxMessage:

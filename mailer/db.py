@@ -217,6 +217,24 @@ def claim(session: Session, model: Claimable, candidates: list[int], *, owner: s
     return got
 
 
+def claim_for(db: Database, model: Claimable, candidates: list[int], *, now: datetime, lease: float,
+              where: Any = None) -> list[int]:
+    """Claim ``candidates`` for this instance (:func:`claim`) in a transaction of its own; the ids got, in order.
+
+    On SQLite nothing is written: it serves one instance (:class:`InstanceLock`),
+    whose worker never has two messages of one sender in flight and whose sender
+    sends one batch at a time, so a claim would cost a writer's turn and an fsync
+    and guard against nothing. The processing transaction still re-checks the row
+    under the write lock.
+    """
+    if not candidates:
+        return []
+    if db.is_sqlite:
+        return sorted(candidates)
+    with db.session() as session:
+        return claim(session, model, candidates, owner=db.owner, now=now, lease=lease, where=where)
+
+
 def renew_claims(db: Database, model: Claimable, ids: list[int], *, now: datetime, lease: float) -> int:
     """Push the lease of our own claims on ``ids`` forward; rows held by a transaction of ours are skipped."""
     if not ids:

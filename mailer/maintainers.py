@@ -148,7 +148,7 @@ def _reply_to_maintainer(ctx: Processing, maintainer: Maintainer, subject: str, 
     msgid = ctx.m.message_id
     outbox = ctx.mail.to_maintainer(maintainer, Outgoing(
         kind=MailKind.NOTICE, to="", subject=subject, template=template, context=context,
-        report_id=ctx.report.id if ctx.report is not None else None,
+        report=ctx.report,
         in_reply_to=msgid, references=(msgid,) if msgid else (),
     ), reply=True)
     ctx.record_outgoing(outbox, "transcript")
@@ -229,7 +229,7 @@ def _to_members(ctx: Processing, cctx: commands.CommandContext, report: Report, 
     for address in members:
         outbox = ctx.mail.to_member(address, Outgoing(
             kind=MailKind.NOTICE, to="", subject=told.subject, template=told.template, context=told.context,
-            report_id=report.id,
+            report=report,
         ))
         if outbox is None:
             cctx.output.append(f"Note: embargo member {address} was NOT told (no usable OpenPGP key).")
@@ -252,7 +252,7 @@ def _to_reporter(ctx: Processing, cctx: commands.CommandContext, report: Report,
     in_reply_to, references = _reporter_thread(ctx, report)
     sent = ctx.mail.to_reporter(report, Outgoing(
         kind=MailKind.NOTICE, to="", subject=f"[{report.tracking_id}] {subject}", template=template,
-        context=context, report_id=report.id, in_reply_to=in_reply_to, references=references,
+        context=context, report=report, in_reply_to=in_reply_to, references=references,
     ), what=kind, must_encrypt=must_encrypt)
     if sent is None:
         if must_encrypt:

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, orm_insert_sentinel, relationship
 from sqlalchemy.types import TypeDecorator
 
 from mailer.atrest import EncryptedBytes, EncryptedJSON, EncryptedText
@@ -164,6 +164,8 @@ class ReportMessage(Base):
     body_text: Mapped[str] = mapped_column(EncryptedText("report_messages.body_text"), default="")
     meta: Mapped[dict[str, Any]] = mapped_column(EncryptedJSON("report_messages.meta"), default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # lets one INSERT … RETURNING write several messages on SQLite (migration 0011); no meaning otherwise
+    insert_sentinel: Mapped[int | None] = orm_insert_sentinel()
 
     report: Mapped[Report] = relationship(back_populates="messages")
     attachments: Mapped[list[Attachment]] = relationship(order_by="Attachment.id")
@@ -199,6 +201,8 @@ class Event(Base):
     prev_hash: Mapped[str | None] = mapped_column(String(64))
     hash: Mapped[str | None] = mapped_column(String(64), unique=True)
     seq: Mapped[int | None] = mapped_column(Integer, unique=True)  # place in the chain (1, 2, ...)
+    # lets one INSERT … RETURNING write several events on SQLite (migration 0011); no meaning otherwise
+    insert_sentinel: Mapped[int | None] = orm_insert_sentinel()
 
     report: Mapped[Report | None] = relationship(back_populates="events")
 
@@ -222,7 +226,8 @@ class OutboxMessage(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     kind: Mapped[str] = mapped_column(String(32))  # ack | notice | alert | ...
     report_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id"), index=True)
-    message_id: Mapped[str] = mapped_column(String(998), unique=True)
+    # unique and set by us: it lets one INSERT … RETURNING take several rows on SQLite too (an insert sentinel)
+    message_id: Mapped[str] = mapped_column(String(998), unique=True, insert_sentinel=True)
     mail_from: Mapped[str] = mapped_column(String(998))
     rcpt_tos: Mapped[list[Any]] = mapped_column()
     # lower-cased recipient the rate limit counts against (acks only)
@@ -241,6 +246,8 @@ class OutboxMessage(Base):
     # the instance delivering it, until when (outbound.sender)
     claimed_by: Mapped[str | None] = mapped_column(String(128))
     claimed_until: Mapped[datetime | None] = mapped_column()
+
+    report: Mapped[Report | None] = relationship()
 
     __table_args__ = (
         Index("ix_outbox_state_next", "state", "next_attempt_at"),

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
-from mailer.models import OutboxMessage
+from mailer.models import OutboxMessage, Report
 
 
 class MailKind(enum.StrEnum):
@@ -29,7 +29,8 @@ class Outgoing:
     subject: str
     template: str
     context: dict[str, Any] = field(default_factory=dict)
-    report_id: int | None = None
+    # the report the mail is about: an object, so a report filed in the same transaction needs no flush first
+    report: Report | None = None
     in_reply_to: str | None = None
     references: tuple[str, ...] = ()
     rate_key: str | None = None

@@ -50,6 +50,8 @@ class Processing:
     # the sender wrote encrypted, whether or not we could decrypt it
     encrypted_input: bool = False
     kind: MessageKind | None = None
+    #: acknowledgements the sender got in the last day, counted before the write transaction (``count_acks``)
+    acks_sent_today: int | None = None
     report: Report | None = None
     report_message: ReportMessage | None = None
 
@@ -58,7 +60,7 @@ class Processing:
         return Processing(session, self.config, self.postman, self.gpg, inbound, now,
                           envelope_from=self.envelope_from, envelope_unknown=self.envelope_unknown,
                           message=self.message, protected=self.protected, encrypted_input=self.encrypted_input,
-                          kind=self.kind)
+                          kind=self.kind, acks_sent_today=self.acks_sent_today)
 
     @property
     def m(self) -> Parsed:

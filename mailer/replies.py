@@ -20,7 +20,7 @@ from mailer.processing import Processing, openpgp_summary
 from mailer.text import valid_address
 
 
-def _acks_sent_today(ctx: Processing, address: str) -> int:
+def acks_sent_today(ctx: Processing, address: str) -> int:
     query = select(func.count(OutboxMessage.id)).where(
         OutboxMessage.rate_key == address,
         OutboxMessage.kind == MailKind.ACK.value,
@@ -30,13 +30,23 @@ def _acks_sent_today(ctx: Processing, address: str) -> int:
         return ctx.session.scalar(query) or 0
 
 
+def count_acks(ctx: Processing) -> None:
+    """The sender's acknowledgements of the last day, counted before the write transaction (outside
+    SQLite's write lock). Nothing adds to them meanwhile: one message per envelope sender is processed
+    at a time (:class:`mailer.worker.Worker`), and only processing queues acknowledgements."""
+    if ctx.envelope_from:
+        ctx.acks_sent_today = acks_sent_today(ctx, ctx.envelope_from)
+
+
 def ack_blocked(ctx: Processing) -> str | None:
     """Why this message gets no automatic answer (RFC 3834, invalid sender, rate limit), or None."""
     reason = classify.no_reply_reason(ctx.m, ctx.envelope_from, ctx.config.service.contact)
     if reason is None and valid_address(ctx.envelope_from) is None:
         reason = "envelope sender is not a valid address"
-    if reason is None and _acks_sent_today(ctx, ctx.envelope_from) >= ctx.config.service.acks_per_sender_per_day:
-        reason = "acknowledgement rate limit for this sender reached"
+    if reason is None:
+        sent = ctx.acks_sent_today if ctx.acks_sent_today is not None else acks_sent_today(ctx, ctx.envelope_from)
+        if sent >= ctx.config.service.acks_per_sender_per_day:
+            reason = "acknowledgement rate limit for this sender reached"
     return reason
 
 
@@ -68,7 +78,6 @@ def acknowledge(ctx: Processing) -> None:
     if reason is not None:
         ctx.event("ack.suppressed", reason=reason)
         return
-    ctx.session.flush()
     in_reply_to, references = _in_reply(ctx)
     if ctx.encrypted_input:
         # Generic text only: whoever sent it may be replaying someone else's ciphertext.
@@ -78,7 +87,7 @@ def acknowledge(ctx: Processing) -> None:
         subject = f"[{report.tracking_id}] Re: {report.subject}" if report.subject else f"[{report.tracking_id}] Your security report"
         template, context = "ack.txt.j2", {"missing": [FIELDS[m] for m in report.missing_fields]}
     sent = ctx.mail.to_reporter(report, Outgoing(
-        kind=MailKind.ACK, to="", subject=subject, template=template, context=context, report_id=report.id,
+        kind=MailKind.ACK, to="", subject=subject, template=template, context=context, report=report,
         in_reply_to=in_reply_to, references=references, rate_key=ctx.envelope_from,
     ), what="ack")
     if sent is None:
@@ -135,7 +144,7 @@ def notify_maintainers(ctx: Processing) -> None:
             "report": report, "message": ctx.report_message, "label": label,
             "openpgp": openpgp_summary(ctx.protected), "attachments": listed,
         },
-        report_id=report.id, in_reply_to=thread, references=(thread,) if thread else (), attachments=attached,
+        report=report, in_reply_to=thread, references=(thread,) if thread else (), attachments=attached,
     )
     for outbox in ctx.mail.to_maintainers(report, notice):
         ctx.record_outgoing(outbox, "notice")

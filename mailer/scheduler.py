@@ -335,7 +335,7 @@ class Scheduler:
         outgoing = Outgoing(
             kind=MailKind.ALERT if alert else MailKind.NOTICE, to="", subject=header_safe(item.subject, 200),
             template=item.template, context={**item.context, "osv_attached": False},
-            report_id=report.id if report is not None and len(reports) == 1 else None,
+            report=report if report is not None and len(reports) == 1 else None,
         )
         if item.kind is Kind.RELEASE and report is not None and len(reports) == 1:
             outgoing = self._with_osv(outgoing, report, now)

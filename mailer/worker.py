@@ -5,13 +5,14 @@ instances on one PostgreSQL database share the stored messages with no
 duplicate and no loss, and the claims of an instance that died expire after
 ``worker.lease_seconds``. The processing transaction locks the message row and
 checks the claim is still ours, so a message is filed once even when a lease
-ran out under a slow run.
+ran out under a slow run. On SQLite (one instance) no claim is written
+(:func:`mailer.db.claim_for`): the messages in flight here are all there are.
 
 Up to ``worker.concurrency`` messages are processed at once, each in its own
 thread and transaction (their gpg calls are subprocesses, so they use more than
 one core), or with ``worker.processes`` in worker processes of their own
-(:mod:`mailer.workerproc`). Parsing and decryption run before the write
-transaction (:meth:`mailer.pipeline.Pipeline.read`). The pick is fair: envelope senders take turns (round-robin: the
+(:mod:`mailer.workerproc`). Parsing, decryption and the other reads run
+before the write transaction (:meth:`mailer.pipeline.Pipeline.read`). The pick is fair: envelope senders take turns (round-robin: the
 sender served longest ago, or never, goes first, with its oldest due message),
 and never two messages of one sender are processed at once (here or in another
 instance), so one sender's flood cannot starve the others: a report from
@@ -41,7 +42,7 @@ from sqlalchemy import and_, func, or_, select, update
 from mailer import logs, workerproc
 from mailer.clock import SYSTEM, Clock
 from mailer.config import Config
-from mailer.db import Database, claim, claimable
+from mailer.db import Database, claim_for, claimable
 from mailer.errors import StepError
 from mailer.loop import backoff, run_every
 from mailer.metrics import FAILURES, GPG
@@ -146,8 +147,7 @@ class Worker:
         candidates = sorted(heads, key=lambda id_: (self._served.get(heads[id_], 0), id_))[:limit]
         if not candidates:
             return []
-        with self.db.session() as session:
-            got = claim(session, InboundMessage, candidates, owner=self.db.owner, now=now, lease=self.lease,
+        got = claim_for(self.db, InboundMessage, candidates, now=now, lease=self.lease,
                         where=and_(InboundMessage.state.in_(WAITING), InboundMessage.mail_from.not_in(held)))
         for id_ in got:
             self._turn += 1

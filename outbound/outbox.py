@@ -77,7 +77,7 @@ class Outbox:
             raw = self._encrypt(raw, list(outgoing.encrypt_to), outgoing.key_blob)
         row = OutboxMessage(
             kind=outgoing.kind.value,
-            report_id=outgoing.report_id,
+            report=outgoing.report,
             message_id=message_id,
             mail_from=self.config.service.contact,
             rcpt_tos=[outgoing.to],

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from mailer import logs
 from mailer.clock import SYSTEM, Clock
 from mailer.config import RelayConfig
-from mailer.db import Database, claim, claimable, release_claims, renew_claims
+from mailer.db import Database, claim_for, claimable, release_claims, renew_claims
 from mailer.errors import DeliveryError
 from mailer.loop import backoff, run_every
 from mailer.models import Event, OutboxMessage, OutboxState, Report
@@ -220,8 +220,7 @@ class Sender:
             candidates = list(session.scalars(due))
         if not candidates:
             return []
-        with self.db.session() as session:
-            got = claim(session, OutboxMessage, candidates, owner=self.db.owner, now=now, lease=self.lease,
+        got = claim_for(self.db, OutboxMessage, candidates, now=now, lease=self.lease,
                         where=OutboxMessage.state == OutboxState.PENDING.value)
         if not got:
             return []
