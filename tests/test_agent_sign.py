@@ -165,6 +165,19 @@ def test_agent_restarted_between_signatures(reader: Home) -> None:
     gpg.kill_agent()
 
 
+def test_kept_connection_to_a_restarted_agent_is_replaced(reader: Home) -> None:
+    """The agent restarted while a connection was kept: the next signature is still the agent's, on a new one."""
+    gpg = OpenPGP(gnupg_home())
+    gpg.sign_detached(DATA)  # the set-up; the connection is kept
+    kill_and_remove_agent_only(gpg.home)
+    subprocess.run(["gpg-connect-agent", "--homedir", gpg.home, "/bye"], capture_output=True, timeout=10, check=True)
+    before, processes_before = agent_count(), process_count("detach-sign")
+    result = gpg.sign_detached(DATA)
+    assert (agent_count(), process_count("detach-sign")) == (before + 1, processes_before)
+    verify(reader, gpg, DATA, result.signature)
+    gpg.kill_agent()
+
+
 def kill_and_remove_agent_only(home: str) -> None:
     subprocess.run(["gpgconf", "--homedir", home, "--kill", "gpg-agent"], capture_output=True, timeout=10, check=True)
 

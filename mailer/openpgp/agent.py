@@ -27,9 +27,9 @@ import hashlib
 import socket
 import struct
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["AgentError", "AgentKey", "AgentSigner", "armor", "crc24", "parse_sexp"]
@@ -246,7 +246,14 @@ class _Connection:
 
 
 class AgentSigner:
-    """Signs digests with one key of one gpg-agent (thread-safe: a connection per signature)."""
+    """Signs digests with one key of one gpg-agent (thread-safe: one connection per signature at a time).
+
+    Connections are kept for the next signature (up to ``IDLE`` of them): each
+    new one costs the agent a thread and us a round trip more. A kept connection
+    the agent has dropped meanwhile (it was restarted) is replaced once.
+    """
+
+    IDLE = 8
 
     def __init__(self, socket_path: str, key: AgentKey, passphrase: str | None) -> None:
         if key.algorithm not in _ALGORITHMS:
@@ -254,6 +261,8 @@ class AgentSigner:
         self.socket_path = socket_path
         self.key = key
         self.passphrase = passphrase
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
 
     @staticmethod
     def socket_for(home: str, gpgconf: str = "gpgconf") -> str:
@@ -262,22 +271,47 @@ class AgentSigner:
                              capture_output=True, timeout=_TIMEOUT, check=True).stdout
         return out.decode("utf-8").strip().replace("%3a", ":").replace("%3A", ":")
 
-    @contextmanager
-    def _connection(self) -> Iterator[_Connection]:
+    def _open(self) -> _Connection:
         conn = _Connection(self.socket_path)
         try:
             conn.transact(b"OPTION pinentry-mode=" + (b"loopback" if self.passphrase is not None else b"error"))
-            yield conn
-        finally:
+        except AgentError:
             conn.close()
+            raise
+        return conn
+
+    def _exchange(self, conn: _Connection, digest: bytes) -> list[object]:
+        inquiries = {b"PASSPHRASE": self.passphrase.encode("utf-8")} if self.passphrase is not None else None
+        conn.transact(b"SIGKEY " + self.key.keygrip.encode("ascii"))
+        conn.transact(b"SETHASH %d " % SHA256 + digest.hex().upper().encode("ascii"))
+        return parse_sexp(conn.transact(b"PKSIGN", inquiries))
 
     def sign_digest(self, digest: bytes) -> list[object]:
         """The agent's ``sig-val`` over a SHA-256 *digest* by the key."""
-        inquiries = {b"PASSPHRASE": self.passphrase.encode("utf-8")} if self.passphrase is not None else None
-        with self._connection() as conn:
-            conn.transact(b"SIGKEY " + self.key.keygrip.encode("ascii"))
-            conn.transact(b"SETHASH %d " % SHA256 + digest.hex().upper().encode("ascii"))
-            return parse_sexp(conn.transact(b"PKSIGN", inquiries))
+        while True:
+            with self._lock:
+                kept = self._idle.pop() if self._idle else None
+            conn = kept or self._open()
+            try:
+                values = self._exchange(conn, digest)
+            except AgentError:
+                conn.close()
+                if kept is not None:
+                    continue  # a kept connection may have outlived its agent: once more on a new one
+                raise
+            with self._lock:
+                if len(self._idle) < self.IDLE:
+                    self._idle.append(conn)
+                    return values
+            conn.close()
+            return values
+
+    def close(self) -> None:
+        """Close the kept connections."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     def sign(self, data: bytes) -> bytes:
         """An armored detached signature over *data*, as ``gpg -sa --detach-sign --digest-algo SHA256`` makes."""

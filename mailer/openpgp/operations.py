@@ -100,7 +100,9 @@ class OpenPGP(Keyring):
         self._drop_agent()
 
     def _drop_agent(self) -> None:
-        self._agent, self._agent_checked = None, False
+        agent, self._agent, self._agent_checked = self._agent, None, False
+        if agent is not None:
+            agent.close()
 
     def kill_agent(self) -> None:
         self._drop_agent()
