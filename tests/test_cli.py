@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -169,6 +170,18 @@ def test_defaults_are_the_embedded_setup() -> None:
     assert cfg.lmtp.address is None
     assert cfg.database_url == "sqlite:///var/mailer.db"
     assert cfg.relay_url == "maildir:var/outgoing"
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_worker_processes_default_follows_the_cpus_the_service_may_use(cpus: int) -> None:
+    """worker.processes defaults to 1 with two CPUs or more (the process's affinity), to 0 (threads) with one."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < cpus:
+        pytest.fail(f"this test needs {cpus} CPUs; the machine gives {len(allowed)}")
+    code = (f"import os; os.sched_setaffinity(0, {set(allowed[:cpus])!r}); "
+            "from mailer.config import Config; print(Config.model_validate({}).worker.processes)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == ("1" if cpus >= 2 else "0")
 
 
 def test_example_config_documents_every_key() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -63,15 +64,27 @@ async def test_up_then_stopped_then_stale(lite: Config) -> None:
     assert code == 2 and f"pid {proc.pid} of the stale health file is gone" in out and "2026-01-01" in out
 
 
+def _relay_to(svc: Service, port: int) -> None:
+    """Point the running service's relay at 127.0.0.1:``port``."""
+    url = f"smtp://127.0.0.1:{port}"
+    svc.relay.transport.config = svc.relay.transport.config.model_copy(update={"url": url})
+    svc.relay.transport.port = port
+    svc.relay.url = url
+
+
 async def test_relay_down_then_permanent_failure_until_dismissed(lite: Config, relay: CaptureRelay) -> None:
     """Relay unreachable: degraded naming it; a 550 is listed with its id until `mailer outbox dismiss ID`."""
     svc = Service(lite)
     await svc.start(background=False)
+    # the relay is down: a port bound but not listening refuses connections (a stopped relay's port
+    # could be taken by another test's server meanwhile)
+    down = socket.socket()
+    down.bind(("127.0.0.1", 0))
     try:
         svc.write_health_now()
         code, data = await _health(lite)
         assert code == 0, data
-        await relay.stop()
+        _relay_to(svc, down.getsockname()[1])
         await asend(smtp_port(svc), report_bytes())
         await svc.settle()
         svc.write_health_now()
@@ -80,10 +93,7 @@ async def test_relay_down_then_permanent_failure_until_dismissed(lite: Config, r
         [line] = [p for p in data["problems"] if p.startswith("relay ")]
         assert "failing since" in line and "relay unreachable" in line
         # the relay is back, and refuses the reporter's address for good
-        await relay.start()
-        svc.relay.transport.config = svc.relay.transport.config.model_copy(update={"url": relay.url})
-        svc.relay.transport.port = relay.port
-        svc.relay.url = relay.url
+        _relay_to(svc, relay.port)
         relay.handler.replies = ["550 5.1.1 no such user"] * 5
         from sqlalchemy import update
 
@@ -105,6 +115,7 @@ async def test_relay_down_then_permanent_failure_until_dismissed(lite: Config, r
         code, data = await _health(lite)
         assert code == 0 and data["problems"] == [], data
     finally:
+        down.close()
         await svc.stop()
         svc.db.dispose()
 

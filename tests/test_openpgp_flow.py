@@ -360,6 +360,7 @@ async def test_replayed_ciphertext_gains_the_attacker_nothing(service: Service, 
                                                               keys: Keys) -> None:
     """An attacker resending a victim's ciphertext with their own key gets an ack with the tracking id only."""
     mallory = client_gpg(keys.attacker, service)
+    client_gpg(keys.reporter, service)  # the victim knows the service key
     inner = inner_text_entity(SECRET_BODY, subject=SECRET_SUBJECT)
     victim = thunderbird(keys.reporter, [service.fingerprint], inner)
     await asend(smtp_port(service), victim)
@@ -468,6 +469,7 @@ async def test_bad_openpgp_input_is_filed_and_alerted(tmp_path: Path, migrated: 
     """Undecryptable input is filed with raw bytes and an alert to maintainers; the worker keeps going."""
     async with running(tmp_path, migrated, relay, keys) as service:
         kim = client_gpg(keys.maintainer, service)
+        client_gpg(keys.reporter, service)
         inner = inner_text_entity(SECRET_BODY, subject=SECRET_SUBJECT)
         not_ours = keys.reporter.encrypt(inner, [keys.reporter_fpr])
         corrupt = (b"-----BEGIN PGP MESSAGE-----\n\nThis is !! not * base64 at all ~~~\nzzzz\n"
@@ -518,6 +520,7 @@ async def test_bad_openpgp_input_is_filed_and_alerted(tmp_path: Path, migrated: 
 
 async def test_partly_encrypted_keeps_plaintext_apart(service: Service, relay: CaptureRelay, keys: Keys) -> None:
     """Plaintext beside an encrypted part is kept in meta, never merged into the report text."""
+    client_gpg(keys.reporter, service)
     armored = keys.reporter.encrypt(inner_text_entity(SECRET_BODY), [service.fingerprint])
     outside = b"Content-Type: text/plain; charset=UTF-8\r\n\r\nPlaintext added by a forwarder: walrus\r\n"
     body = (b'Content-Type: multipart/mixed; boundary="mix"\r\n\r\n--mix\r\n' + outside
@@ -539,6 +542,7 @@ async def test_partly_encrypted_keeps_plaintext_apart(service: Service, relay: C
 
 async def test_inline_pgp_is_decrypted_and_filed(service: Service, relay: CaptureRelay, keys: Keys) -> None:
     """An armored block in a text/plain body (Mailvelope) is decrypted and filed; the ack is generic."""
+    client_gpg(keys.reporter, service)
     armored = keys.reporter.encrypt(SECRET_BODY.encode(), [service.fingerprint],
                                     extra=("--comment", "https://mailvelope.com"))
     part = b"Content-Type: text/plain; charset=UTF-8\r\nContent-Transfer-Encoding: 7bit\r\n\r\n" + armored.replace(b"\n", b"\r\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -200,6 +201,23 @@ class CommandsConfig(Section):
         return value
 
 
+def available_cpus() -> float:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container's ``--cpus``)."""
+    cpus: float = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text(encoding="ascii").split()[:2]
+        if quota != "max":
+            cpus = min(cpus, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def default_worker_processes() -> int:
+    """One worker process when the service has two CPUs or more (processing gets a core of its own), else threads."""
+    return 1 if available_cpus() >= 2 else 0
+
+
 class WorkerConfig(Section):
     max_attempts: int = Field(5, ge=1)
     retry_base_seconds: float = Field(30.0, gt=0)
@@ -207,8 +225,9 @@ class WorkerConfig(Section):
     concurrency: int = Field(4, ge=1, le=64)
     lease_seconds: float = Field(30.0, gt=0)
     #: 0: messages are processed in threads of the service process; N: in N worker processes
-    #: (mailer.workerproc), so processing has cores of its own beside intake and the sender
-    processes: int = Field(0, ge=0, le=16)
+    #: (mailer.workerproc), so processing has cores of its own beside intake and the sender.
+    #: Default: 1 with two CPUs or more (:func:`default_worker_processes`), else 0.
+    processes: int = Field(default_factory=default_worker_processes, ge=0, le=16)
 
 
 class ParsingConfig(Section):

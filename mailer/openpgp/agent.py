@@ -29,6 +29,7 @@ import struct
 import subprocess
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -245,6 +246,12 @@ class _Connection:
         self.sock.close()
 
 
+def _close_all(connections: list[_Connection]) -> None:
+    for conn in connections:
+        conn.close()
+    connections.clear()
+
+
 class AgentSigner:
     """Signs digests with one key of one gpg-agent (thread-safe: one connection per signature at a time).
 
@@ -263,6 +270,8 @@ class AgentSigner:
         self.passphrase = passphrase
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
+        # a signer dropped without close() (an OpenPGP object let go) still closes what it kept
+        weakref.finalize(self, _close_all, self._idle)
 
     @staticmethod
     def socket_for(home: str, gpgconf: str = "gpgconf") -> str:
@@ -309,9 +318,7 @@ class AgentSigner:
     def close(self) -> None:
         """Close the kept connections."""
         with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+            _close_all(self._idle)
 
     def sign(self, data: bytes) -> bytes:
         """An armored detached signature over *data*, as ``gpg -sa --detach-sign --digest-algo SHA256`` makes."""
