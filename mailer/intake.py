@@ -101,8 +101,11 @@ class IntakeWriter:
         self._task: asyncio.Task[None] | None = None
         self.in_flight = 0
 
-    #: after a commit, the edge counts as busy this long (seconds): the next DATA of a burst is usually on its way
-    QUIET = 0.05
+    #: after a DATA arrived or committed, the edge counts as busy this long (seconds): in a burst the next
+    #: DATA is on its way (a few ms apart); steady mail, even tens a second, leaves gaps of tens of ms, and
+    #: a longer window there made the worker wait at nearly every claim (bench/intake.py --rate 33: acks
+    #: fell behind, p99 18 s with 50 ms; 0.16-0.34 s with 10 ms, bursts still at the fsync sink's pace)
+    QUIET = 0.01
 
     @property
     def busy(self) -> bool:
