@@ -8,7 +8,8 @@ leaves its claims to expire after the lease. A named :class:`~mailer.models.Leas
 row gives one instance a job that must not run twice (polling an IMAP mailbox).
 
 SQLite is single-instance: :class:`InstanceLock` (``flock`` on a file beside the
-database) refuses a second ``mailer serve`` on the same file.
+database) refuses a second ``mailer serve`` on the same file, so its worker and
+sender keep their claims in memory (:func:`claim_for` writes none there).
 """
 
 from __future__ import annotations

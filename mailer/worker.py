@@ -306,7 +306,10 @@ class Worker:
             for future in finished:
                 if future is waker:
                     continue
-                inbound_id, _sender = self._inflight.pop(future)
+                entry = self._inflight.pop(future, None)
+                if entry is None:  # finish() (the shutdown) took it meanwhile and reported it
+                    continue
+                inbound_id, _sender = entry
                 if future.cancelled():  # queued behind a worker process that died, never started: take it again
                     await asyncio.to_thread(self.release, [inbound_id])
                     continue
@@ -338,6 +341,8 @@ class Worker:
             await asyncio.wait(set(self._inflight), timeout=timeout)
         for future in [f for f in self._inflight if f.done()]:
             del self._inflight[future]
+            if future.cancelled():  # never started: the message waits, unclaimed, for the next start
+                continue
             with contextlib.suppress(Exception):
                 report(future.result())
         if self._executor is not None:

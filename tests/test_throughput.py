@@ -134,3 +134,41 @@ async def test_gpg_calls_in_a_worker_process_are_counted_by_the_service(started:
     await started.settle()
     assert acks(relay)["<signed@reporter.test>"] == 1
     assert gpg_calls("decrypt") > before  # gpg --decrypt checks a cleartext signature
+
+
+@pytest.mark.parametrize("started", [{"concurrency": 4, "processes": 0}], indirect=True)
+async def test_shutdown_while_a_pass_waits_loses_no_outcome(started: Service, relay: CaptureRelay) -> None:
+    """The shutdown (Worker.finish) and a running pass both wait for the messages in flight; whichever
+    wakes first takes a finished message, and the other does not fail on it."""
+    import queue
+    import threading
+
+    from mailer.pipeline import PREPARE, Pipeline
+    from mailer.processing import Processing
+    from mailer.worker import Worker
+
+    port = smtp_port(started)
+    for i in range(2):
+        await asend(port, report_bytes(msgid=f"<gate-{i}@reporter.test>", body=f"Description: gate {i}\n"),
+                    sender=f"gate{i}@reporter.test")
+    with started.db.session() as s:
+        first, second = s.scalars(select(InboundMessage.id).order_by(InboundMessage.id))
+    arrivals: queue.Queue[int] = queue.Queue()  # in the order the messages reach the gate (SQLite: one at a time)
+    go = {first: threading.Event(), second: threading.Event()}
+
+    def gate(ctx: Processing) -> None:
+        arrivals.put(ctx.inbound.id)
+        go[ctx.inbound.id].wait(30)
+
+    worker = Worker(started.db, started.config, started.outbox, gpg=started.gpg, pipeline=Pipeline(prepare=(gate, *PREPARE)))
+    passing = asyncio.ensure_future(worker.drain())
+    one = await asyncio.to_thread(arrivals.get, True, 30)
+    stopping = asyncio.ensure_future(worker.finish(timeout=30))
+    await asyncio.sleep(0.1)  # finish() waits on both messages now
+    go[one].set()  # the pass takes it and waits again: after finish() this time
+    other = await asyncio.to_thread(arrivals.get, True, 30)
+    go[other].set()  # finish() wakes first and takes it
+    assert await stopping == 0
+    assert await passing in (1, 2)  # the pass ends without an error
+    with started.db.session() as s:
+        assert list(s.scalars(select(InboundMessage.state))) == ["done", "done"]
