@@ -238,7 +238,7 @@ def claim_for(db: Database, model: Claimable, candidates: list[int], *, now: dat
 
 def renew_claims(db: Database, model: Claimable, ids: list[int], *, now: datetime, lease: float) -> int:
     """Push the lease of our own claims on ``ids`` forward; rows held by a transaction of ours are skipped."""
-    if not ids:
+    if not ids or db.is_sqlite:  # SQLite: no claims are written (claim_for)
         return 0
     with db.session() as session:
         mine = list(session.scalars(
@@ -252,6 +252,8 @@ def renew_claims(db: Database, model: Claimable, ids: list[int], *, now: datetim
 
 def release_claims(db: Database, model: Claimable, ids: list[int] | None = None, *, everyone: bool = False) -> int:
     """Hand claims back at once (shutdown); ``everyone`` (SQLite at start, a single instance) clears stale ones too."""
+    if db.is_sqlite and not everyone:  # no claims of ours were written (claim_for)
+        return 0
     with db.session() as session:
         query = select(model.id).where(model.claimed_by.is_not(None))
         if not everyone:
