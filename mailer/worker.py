@@ -37,12 +37,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select
 
 from mailer import logs, workerproc
 from mailer.clock import SYSTEM, Clock
 from mailer.config import Config
-from mailer.db import Database, claim_for, claimable
+from mailer.db import Database, claim_for, claimable, release_claims
 from mailer.errors import StepError
 from mailer.loop import backoff, run_every
 from mailer.metrics import FAILURES, GPG
@@ -230,13 +230,8 @@ class Worker:
 
     def release(self, ids: list[int]) -> None:
         """Hand back claims we will not process (shutdown)."""
-        if not ids:
-            return
-        with self.db.session() as session:
-            session.execute(
-                update(InboundMessage).where(InboundMessage.id.in_(ids), InboundMessage.claimed_by == self.db.owner)
-                .values(claimed_by=None, claimed_until=None).execution_options(synchronize_session=False)
-            )
+        if ids:
+            release_claims(self.db, InboundMessage, ids)
 
     # ------------------------------------------------------------------ the loop
 

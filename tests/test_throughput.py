@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import queue
 import signal
+import threading
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +19,9 @@ from sqlalchemy import func, select
 from mailer.app import Service
 from mailer.metrics import REGISTRY
 from mailer.models import InboundMessage, Report
+from mailer.pipeline import PREPARE, Pipeline
+from mailer.processing import Processing
+from mailer.worker import Worker
 from tests.conftest import make_config, smtp_port
 from tests.relay import CaptureRelay
 from tests.test_intake import asend, report_bytes
@@ -140,13 +145,6 @@ async def test_gpg_calls_in_a_worker_process_are_counted_by_the_service(started:
 async def test_shutdown_while_a_pass_waits_loses_no_outcome(started: Service, relay: CaptureRelay) -> None:
     """The shutdown (Worker.finish) and a running pass both wait for the messages in flight; whichever
     wakes first takes a finished message, and the other does not fail on it."""
-    import queue
-    import threading
-
-    from mailer.pipeline import PREPARE, Pipeline
-    from mailer.processing import Processing
-    from mailer.worker import Worker
-
     port = smtp_port(started)
     for i in range(2):
         await asend(port, report_bytes(msgid=f"<gate-{i}@reporter.test>", body=f"Description: gate {i}\n"),

@@ -208,7 +208,7 @@ def available_cpus() -> float:
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text(encoding="ascii").split()[:2]
         if quota != "max":
             cpus = min(cpus, int(quota) / int(period))
-    except (OSError, ValueError):
+    except (OSError, ValueError, ZeroDivisionError):  # no cgroup v2 file, or one we cannot read: the affinity
         pass
     return cpus
 
