@@ -164,10 +164,11 @@ def _name(field_bytes: bytes) -> bytes:
 def encrypt_bytes(raw: bytes, gpg: OpenPGP, recipients: list[str]) -> bytes:
     """:func:`build_encrypted` (signed, protected headers) to pinned keys for a queued message: bytes in, bytes out.
 
-    A 7bit CRLF message (all the service composes) is encrypted as it is
-    queued: its Content-* fields with ``protected-headers="v1"``, the real
-    Subject, From, To, Cc and Date, and its body; the outer Subject is "...".
-    Anything else takes :func:`build_encrypted`.
+    A 7bit CRLF message (all the service composes) is signed and encrypted as
+    it is queued: its Content-* fields with ``protected-headers="v1"``, the real
+    Subject, From, To, Cc and Date, and its body, in an RFC 3156 multipart/signed
+    inside the encryption (§6.1); the outer Subject is "...". Anything else
+    takes :func:`build_encrypted`.
     """
     fields = _fields(raw)
     if fields is None:
@@ -178,7 +179,7 @@ def encrypt_bytes(raw: bytes, gpg: OpenPGP, recipients: list[str]) -> bytes:
     content = [f + b'; protected-headers="v1"' if _name(f) == b"content-type" else f for f in content]
     protected = [f for f in outer if _name(f) in _PROTECTED]
     inner = b"".join(f + b"\r\n" for f in (*content, *protected)) + body
-    ciphertext = gpg.encrypt(inner, recipients, sign=True)
+    ciphertext = gpg.encrypt(_multipart_signed(inner, gpg), recipients)
     head = [f if _name(f) != b"subject" else b"Subject: " + ENCRYPTED_SUBJECT.encode("ascii") for f in outer]
     mark = boundary(ciphertext)
     content_type = f'multipart/encrypted; protocol="application/pgp-encrypted"; boundary="{mark}"'
@@ -213,12 +214,18 @@ def sign_bytes(raw: bytes, gpg: OpenPGP) -> bytes:
         if split is None:
             raise CryptoError("message cannot be made 7bit for signing")
     outer, signed_bytes = split
+    return outer + b"MIME-Version: 1.0\r\n" + _multipart_signed(signed_bytes, gpg)
+
+
+def _multipart_signed(signed_bytes: bytes, gpg: OpenPGP) -> bytes:
+    """The multipart/signed entity (its Content-Type field, then its body) around the 7bit CRLF entity
+    *signed_bytes*, taken byte for byte."""
     signature = gpg.sign_detached(signed_bytes)
     mark = boundary(signed_bytes)
     content_type = (f'multipart/signed; micalg="{signature.micalg}"; '
                     f'protocol="application/pgp-signature"; boundary="{mark}"')
     delimiter = b"\r\n--" + mark.encode("ascii")
-    return (outer + b"MIME-Version: 1.0\r\n" + field("Content-Type", content_type) + b"\r\n"
+    return (field("Content-Type", content_type) + b"\r\n"
             + _SIGNED_PREAMBLE.encode("ascii") + delimiter + b"\r\n" + signed_bytes
             + delimiter + b"\r\n" + _signature_part(signature.signature) + delimiter + b"--\r\n")
 
@@ -243,11 +250,11 @@ def build_encrypted(msg: EmailMessage, gpg: OpenPGP, recipients: list[str], *, k
                     sign: bool = True, protect_subject: bool = True) -> EmailMessage:
     """RFC 3156 multipart/encrypted of *msg*'s body.
 
-    Without *key_blob* the body is encrypted to the pinned *recipients* and,
-    with ``sign``, signed in the same OpenPGP message.  With *key_blob* (a
-    reporter's key, never imported into the service keyring) it is encrypted
-    to that key plus *recipients*; ``sign`` then nests an RFC 3156
-    multipart/signed inside the encryption (RFC 3156 §6.1).  With
+    Without *key_blob* the body is encrypted to the pinned *recipients*; with
+    *key_blob* (a reporter's key, never imported into the service keyring) to
+    that key plus *recipients*. ``sign`` nests an RFC 3156 multipart/signed
+    inside the encryption (RFC 3156 §6.1): the signature is the service's
+    detached one (gpg-agent), the encryption needs no secret key.  With
     ``protect_subject`` the real Subject (and From/To/Cc/Date) travel in the
     encrypted part (``protected-headers="v1"``) and the outer Subject is "...".
     """
@@ -257,11 +264,11 @@ def build_encrypted(msg: EmailMessage, gpg: OpenPGP, recipients: list[str], *, k
             if msg.get(name) is not None:
                 inner[name] = msg[name]
         inner.set_param("protected-headers", "v1")
+    payload_entity: Message = _signed_entity(inner, gpg, EmailMessage()) if sign else inner
     if key_blob is not None:
-        payload_entity: Message = _signed_entity(inner, gpg, EmailMessage()) if sign else inner
         ciphertext, _fpr = gpg.encrypt_to_key_blob(_serialise(payload_entity), key_blob, also_to=recipients)
     else:
-        ciphertext = gpg.encrypt(_serialise(inner), recipients, sign=sign)
+        ciphertext = gpg.encrypt(_serialise(payload_entity), recipients)
     control = EmailMessage(policy=email.policy.SMTP)
     for name, value in _CONTROL_PART:
         control[name] = value

@@ -40,8 +40,11 @@ class Home:
         return proc
 
     def gen_key(self, name: str, email: str, *, algo: str = "ed25519", expire: str = "0",
-                faked_time: str | None = None, encrypt_subkey: bool = True) -> str:
-        """Generate an unprotected key (``ed25519``+cv25519 or ``rsa2048``); returns its fingerprint."""
+                faked_time: str | None = None, encrypt_subkey: bool = True, sha1_bindings: bool = False) -> str:
+        """Generate an unprotected key (``ed25519``+cv25519 or ``rsa2048``); returns its fingerprint.
+
+        ``sha1_bindings``: its self-signatures use SHA-1, as keys made before ~2014 do.
+        """
         if algo == "ed25519":
             params = ["Key-Type: eddsa", "Key-Curve: ed25519", "Key-Usage: sign"]
             sub = ["Subkey-Type: ecdh", "Subkey-Curve: cv25519", "Subkey-Usage: encrypt"]
@@ -53,6 +56,8 @@ class Home:
         lines = ["%no-protection", *params, *(sub if encrypt_subkey else []),
                  f"Name-Real: {name}", f"Name-Email: {email}", f"Expire-Date: {expire}", "%commit", ""]
         extra = ["--faked-system-time", faked_time] if faked_time else []
+        if sha1_bindings:
+            extra += ["--cert-digest-algo", "SHA1"]
         self.gpg(*extra, "--gen-key", data="\n".join(lines).encode())
         return self.fingerprint(email)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import gnupg
 import pytest
 
+from mailer.metrics import REGISTRY
 from mailer.openpgp import CryptoError, GnuPGVersionError, KeyImportError, OpenPGP, Reason, UnusableKey, check_versions
 from mailer.openpgp.process import GpgRun
 from mailer.openpgp.status import decrypt_failure, evaluate_signature
@@ -213,6 +214,63 @@ def test_encrypt_rejects_non_fingerprint_recipient(world: World) -> None:
     """Recipients must be full fingerprints, not user ids or short key ids."""
     with pytest.raises(CryptoError):
         world.svc.encrypt(SECRET, ["alice@example.org"])
+
+
+def gpg_runs(op: str) -> float:
+    """How many OpenPGP operations of kind *op* this process has timed (``mailer_gpg_seconds``)."""
+    return REGISTRY.get_sample_value("mailer_gpg_seconds_count", {"op": op}) or 0.0
+
+
+def decrypt_status(home: Home, ciphertext: bytes) -> tuple[bytes, str]:
+    """(plaintext, status lines) of *home*'s gpg decrypting *ciphertext*; gpg must exit 0."""
+    proc = home.gpg("--status-fd", "2", "--decrypt", data=ciphertext)
+    return proc.stdout, proc.stderr.decode(errors="replace")
+
+
+def test_unsigned_encryption_to_pinned_keys_starts_no_gpg(world: World) -> None:
+    """Encrypting (unsigned) to pinned Ed25519 and RSA keys runs in process: no gpg --encrypt; the
+    recipients' gpg decrypts it with integrity protection (DECRYPTION_OKAY, GOODMDC, exit 0)."""
+    in_process, by_gpg = gpg_runs("encrypt-in-process"), gpg_runs("encrypt")
+    ct = world.svc.encrypt(SECRET, [world.alice, world.bob])
+    assert (gpg_runs("encrypt-in-process"), gpg_runs("encrypt")) == (in_process + 1, by_gpg)
+    assert ct.startswith(b"-----BEGIN PGP MESSAGE-----")
+    plain, status = decrypt_status(world.client, ct)
+    assert plain == SECRET
+    assert "[GNUPG:] DECRYPTION_OKAY" in status and "[GNUPG:] GOODMDC" in status
+    binary = world.svc.encrypt(SECRET, [world.alice], armor=False)
+    assert binary[:1] != b"-" and decrypt_status(world.client, binary)[0] == SECRET
+
+
+def test_key_sequoia_refuses_is_encrypted_to_by_gpg(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    """A key whose bindings use SHA-1 (Sequoia's policy refuses it, GnuPG 2.2 does not) still gets mail:
+    gpg encrypts to it, and the fallback is logged once, not per mail."""
+    old = world.client.gen_key("Old Key", "old@example.org", sha1_bindings=True)
+    world.svc.import_public(world.client.export(old))
+    by_gpg = gpg_runs("encrypt")
+    with caplog.at_level("WARNING", logger="mailer.openpgp.inprocess"):
+        first = world.svc.encrypt(SECRET, [old])
+        second = world.svc.encrypt(SECRET, [old, world.alice])
+    assert gpg_runs("encrypt") == by_gpg + 2
+    assert decrypt_status(world.client, first)[0] == SECRET == decrypt_status(world.client, second)[0]
+    refusals = [r for r in caplog.records if "Sequoia refuses" in r.getMessage()]
+    assert len(refusals) == 1 and old in refusals[0].getMessage()
+
+
+def test_key_changed_by_another_process_is_read_again(world: World) -> None:
+    """A key updated in the keyring by another process (``mailer keys import``) is used as it is now once the
+    key listing is read again: mail goes to its new encryption subkey too."""
+    grace = world.client.gen_key("Grace", "grace@example.org")
+    world.svc.import_public(world.client.export(grace))
+    world.svc.encrypt(SECRET, [grace])  # the certificate is parsed and kept
+    world.client.gpg("--quick-add-key", grace, "cv25519", "encr", "0")
+    new_subkey = world.client.subkey_fingerprints(grace)[-1]
+    OpenPGP(world.svc.home).import_public(world.client.export(grace))  # the keyring as another process sees it
+    world.svc.LISTING_TTL = 0.0  # type: ignore[misc]  # this object's listing is stale now
+    try:
+        _plain, status = decrypt_status(world.client, world.svc.encrypt(SECRET, [grace]))
+    finally:
+        del world.svc.LISTING_TTL
+    assert f"[GNUPG:] ENC_TO {new_subkey[-16:]}" in status
 
 
 def test_encrypt_to_key_blob_uses_scratch_home(world: World) -> None:

@@ -140,7 +140,11 @@ class Keyring:
         now = time.monotonic()
         if self._cache is None or now - self._cache[0] > self.LISTING_TTL:
             self._cache = (now, self.list_keys())
+            self._listing_renewed()
         return self._cache[1]
+
+    def _listing_renewed(self) -> None:
+        """Called when the key listing was read again (the keyring may have changed since)."""
 
     def _forget(self) -> None:
         self._cache = None

@@ -32,6 +32,7 @@ from typing import Any
 from mailer.metrics import GPG
 from mailer.openpgp.agent import AgentError, AgentKey, AgentSigner
 from mailer.openpgp.errors import CryptoError, KeyImportError
+from mailer.openpgp.inprocess import InProcessEncryptor, SequoiaRefused
 from mailer.openpgp.keyring import Keyring
 from mailer.openpgp.process import GpgRun, kill_agent
 from mailer.openpgp.status import (
@@ -87,6 +88,8 @@ class OpenPGP(Keyring):
 
     Detached signatures are made by the home's gpg-agent directly once that has
     proved itself here (:mod:`mailer.openpgp.agent`), else by a gpg process each.
+    Unsigned encryption to pinned keys runs in this process
+    (:mod:`mailer.openpgp.inprocess`), else (a key Sequoia refuses) by gpg.
     """
 
     def __init__(self, home: str, **kwargs: Any) -> None:
@@ -94,10 +97,15 @@ class OpenPGP(Keyring):
         self._agent: AgentSigner | None = None
         self._agent_checked = False  # set up (or found unusable) for the current service key
         self._agent_lock = threading.Lock()
+        self._encryptor = InProcessEncryptor(self.export_minimal)
 
     def _forget(self) -> None:
         super()._forget()
         self._drop_agent()
+        self._encryptor.forget()
+
+    def _listing_renewed(self) -> None:
+        self._encryptor.forget()
 
     def _drop_agent(self) -> None:
         agent, self._agent, self._agent_checked = self._agent, None, False
@@ -115,11 +123,21 @@ class OpenPGP(Keyring):
 
         Raises :class:`UnusableKey` for unknown, expired, revoked or
         encrypt-incapable recipients.  ``sign=True`` signs with the service key
-        in the same OpenPGP message.
+        in the same OpenPGP message (a gpg process); unsigned encryption runs in
+        this process unless Sequoia refuses a recipient's key.
         """
         if not recipients:
             raise CryptoError("no recipients")
         fprs = [self._check_usable(r) for r in recipients]
+        if not sign:
+            started = time.monotonic()
+            try:
+                ciphertext = self._encryptor.encrypt(data, fprs, armor=armor)
+            except SequoiaRefused:
+                pass
+            else:
+                GPG.labels("encrypt-in-process").observe(time.monotonic() - started)
+                return ciphertext
         return self._encrypt_to(data, fprs, armor=armor, signer=self.service_fingerprint() if sign else None)
 
     def _encrypt_to(self, data: bytes, fprs: list[str], *, armor: bool, signer: str | None) -> bytes:
