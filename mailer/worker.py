@@ -238,11 +238,12 @@ class Worker:
     def use_processes(self, pool: Callable[[], Executor], processes: int) -> None:
         """Process in worker processes (:mod:`mailer.workerproc`), ``pool()`` making the pool, instead of threads.
 
-        One message more than there are processes is in flight, so a process
-        never waits for the next claim.
+        ``worker.concurrency`` messages are in flight, shared among the
+        processes, each running its share at once (one waits for gpg or the
+        disk while another's Python runs).
         """
         self._processes = pool
-        self.concurrency = min(self.config.worker.concurrency, processes + 3)
+        self.concurrency = max(self.config.worker.concurrency, processes)
 
     def _run_one(self, loop: asyncio.AbstractEventLoop, inbound_id: int) -> asyncio.Future[Outcome]:
         if self._processes is None:
