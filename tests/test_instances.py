@@ -475,6 +475,10 @@ async def test_one_poller_per_mailbox_and_a_standby_takes_over(tmp_path: Path, m
             await until(lambda: second.health["connected"], "the takeover", timeout=5)
             await append(dovecot, [make_message(9, tag="after")])
             await until(lambda: second.counters.stored == 1, "the second to store the new one")
+            # stored (committed) comes first, the move out of INBOX after it: wait for that before stopping
+            deadline = time.monotonic() + 10
+            while await uids(dovecot, "INBOX") and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
     finally:
         first_db.dispose()
         second_db.dispose()
