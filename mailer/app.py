@@ -231,6 +231,7 @@ class Service:
             self._unlock()  # a start that fails leaves the database free for the next attempt
             raise
         self._worker_processes(fingerprint)
+        workerproc.tune_switching()  # the service owns its process
         for name, section in (("smtp", self.config.smtp), ("lmtp", self.config.lmtp)):
             if section.address is None:
                 continue
