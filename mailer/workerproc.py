@@ -134,8 +134,8 @@ class ChildPool(Executor):
         try:
             with child.send_lock:
                 child.conn.send((task, fn, args, kwargs))
-        except (OSError, ValueError) as exc:  # the child is gone; _results fails the call
-            log.debug("worker process unreachable: %s", exc)
+        except (OSError, ValueError) as exc:  # the child is gone
+            self._break(child, f"a worker process is gone ({exc})")
         return future
 
     def _results(self, child: _Child) -> None:
@@ -154,18 +154,23 @@ class ChildPool(Executor):
             else:
                 future.set_exception(value)
         child.process.join(1)  # the pipe ends when the process does
-        self._break(f"a worker process exited (exit code {child.process.exitcode})")
+        self._break(child, f"a worker process exited (exit code {child.process.exitcode})")
 
-    def _break(self, reason: str) -> None:
+    def _break(self, gone: _Child, reason: str) -> None:
+        """*gone* ended. Unless the pool was shutting down, the pool takes no more calls, each call not yet
+        answered (by any child) fails and the other children are stopped; else only *gone*'s calls fail
+        (none: a child stops once its calls are answered, unless it was killed meanwhile)."""
         with self._lock:
-            unanswered = [f for c in self._children for f in c.running.values()]
-            for c in self._children:
-                c.running.clear()
-            if unanswered and self._broken is None:
+            if not self._stopping and self._broken is None:
                 self._broken = reason
+            broken = self._broken is not None
+            failing = self._children if broken else [gone]
+            unanswered = [f for c in failing for f in c.running.values()]
+            for c in failing:
+                c.running.clear()
         for future in unanswered:
             future.set_exception(BrokenProcessPool(reason))
-        if unanswered:
+        if broken:
             for c in self._children:
                 if c.process.is_alive():
                     c.process.kill()

@@ -124,6 +124,21 @@ async def test_a_worker_process_killed_mid_burst_loses_and_duplicates_nothing(st
     assert len(relay.messages) == 3 * 24
 
 
+@pytest.mark.parametrize("started", [{"concurrency": 2, "processes": 1}], indirect=True)
+async def test_a_worker_process_killed_while_idle_is_replaced(started: Service, relay: CaptureRelay) -> None:
+    """A worker process killed while it has nothing to do: the next message goes to a new one (it was sent
+    to the dead one, and never answered)."""
+    await asend(smtp_port(started), report_bytes(msgid="<idle-1@reporter.test>"), sender="i1@reporter.test")
+    await started.settle()
+    [child] = [p for p in multiprocessing.active_children() if p.name == "mailer-worker"]
+    os.kill(child.pid, signal.SIGKILL)
+    await asyncio.to_thread(child.join, 10)
+    await asend(smtp_port(started), report_bytes(msgid="<idle-2@reporter.test>"), sender="i2@reporter.test")
+    await asyncio.wait_for(started.settle(), 60)
+    assert acks(relay) == Counter({"<idle-1@reporter.test>": 1, "<idle-2@reporter.test>": 1})
+    assert [p.pid for p in multiprocessing.active_children() if p.name == "mailer-worker"] != [child.pid]
+
+
 def gpg_calls(operation: str) -> float:
     return REGISTRY.get_sample_value("mailer_gpg_seconds_count", {"op": operation}) or 0.0
 
