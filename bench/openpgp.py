@@ -217,7 +217,8 @@ def _op_name(args: Sequence[str]) -> str:
 
 
 class Meter:
-    """Counts and times gpg processes (python-gnupg Popen .. output collected) and OpenPGP calls."""
+    """Counts and times gpg processes (BoundedGPG.run; python-gnupg's own: Popen .. output collected) and
+    OpenPGP calls."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -246,6 +247,7 @@ class Meter:
         meter = self
         open_orig = BoundedGPG._open_subprocess
         collect_orig = BoundedGPG._collect_output
+        run_orig = BoundedGPG.run
         methods = {name: getattr(OpenPGP, name) for name in _METHODS}
 
         def open_subprocess(self: BoundedGPG, args: Any, passphrase: Any = False) -> Any:
@@ -264,6 +266,13 @@ class Meter:
                 if started is not None:
                     meter.record(meter.procs, started[0], time.perf_counter() - started[1])
 
+        def run(self: BoundedGPG, args: Sequence[str], data: bytes = b"", passphrase: str | None = None) -> Any:
+            t0 = time.perf_counter()  # BoundedGPG.run: one gpg process, started, fed, read, waited for
+            try:
+                return run_orig(self, args, data, passphrase)
+            finally:
+                meter.record(meter.procs, _op_name(list(args)), time.perf_counter() - t0)
+
         def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             @functools.wraps(fn)
             def wrapper(*a: Any, **kw: Any) -> Any:
@@ -276,6 +285,7 @@ class Meter:
 
         BoundedGPG._open_subprocess = open_subprocess
         BoundedGPG._collect_output = collect_output  # type: ignore[method-assign]
+        BoundedGPG.run = run  # type: ignore[method-assign]
         for name, fn in methods.items():
             setattr(OpenPGP, name, timed(name, fn))
         try:
@@ -283,6 +293,7 @@ class Meter:
         finally:
             BoundedGPG._open_subprocess = open_orig
             BoundedGPG._collect_output = collect_orig  # type: ignore[method-assign]
+            BoundedGPG.run = run_orig  # type: ignore[method-assign]
             for name, fn in methods.items():
                 setattr(OpenPGP, name, fn)
 

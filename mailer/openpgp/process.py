@@ -7,6 +7,13 @@
   the cap it kills gpg and drops the rest (``output_truncated``), so memory
   stays bounded whatever gpg emits.
 
+:meth:`BoundedGPG.run` (every operation of the service) drives gpg's three
+pipes from the calling thread with a selector, the guards included, where
+python-gnupg starts three threads per process and hands each status line to
+Python as it comes: in a worker process those threads took the GIL from the
+thread holding the database's write lock. python-gnupg's own methods (key
+listing, import, export) keep its threads, with the same guards.
+
 gpg always runs with ``--batch --no-tty`` (python-gnupg adds them), without any
 automatic key retrieval and with a scrubbed environment (no DISPLAY/GPG_TTY,
 so no pinentry pop-ups).  :meth:`BoundedGPG.run` returns a :class:`GpgRun`
@@ -18,9 +25,9 @@ guard flags.  Everything here is blocking; call it through
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
+import selectors
 import subprocess
 import threading
 import time
@@ -189,11 +196,32 @@ class BoundedGPG(gnupg.GPG):  # type: ignore[misc]  # python-gnupg is untyped
         """Run gpg with *args*, feeding *data* on stdin (after *passphrase*, if given)."""
         if passphrase and not self.is_valid_passphrase(passphrase):
             raise ValueError("Invalid passphrase")  # as python-gnupg: a line break would inject input
-        result = _StatusCollector(self)
         started = time.monotonic()
-        self._handle_io(list(args), io.BytesIO(data), result, passphrase=passphrase, binary=True)
+        stdin = (f"{passphrase}\n".encode(self.encoding) if passphrase else b"") + data
+        process = subprocess.Popen(self.make_args(list(args), bool(passphrase)), stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env)
+        try:
+            record = self._communicate(process, stdin, started + self.timeout)
+        finally:
+            if process.poll() is None:  # an exception on the way: never leave gpg behind
+                _kill(process)
+                process.wait()
         GPG.labels(_operation(args)).observe(time.monotonic() - started)
-        return result.record()
+        return record
+
+    def _communicate(self, process: subprocess.Popen[bytes], stdin: bytes, deadline: float) -> GpgRun:
+        """Feed *stdin*, collect stdout (at most ``max_output`` bytes) and stderr until gpg exits or *deadline*."""
+        pump = _Pump(process, stdin, self.max_output)
+        pump.run(deadline)
+        try:  # its pipes are closed: gpg is exiting
+            returncode = process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pump.timed_out = True
+            _kill(process)
+            returncode = process.wait()
+        stderr = b"".join(pump.err).decode(self.encoding)
+        return GpgRun(status=_status_lines(stderr), returncode=returncode, data=b"".join(pump.out), stderr=stderr,
+                      timed_out=pump.timed_out, output_truncated=pump.truncated, input_broken=pump.input_broken)
 
     # ------------------------------------------------------------------ python-gnupg hooks
 
@@ -245,6 +273,81 @@ class BoundedGPG(gnupg.GPG):  # type: ignore[misc]  # python-gnupg is untyped
             if isinstance(result, _StatusCollector):
                 result.input_broken = True
             return result
+
+
+class _Pump:
+    """One gpg process's pipes, driven from one thread: stdin written, stdout (capped) and stderr read."""
+
+    def __init__(self, process: subprocess.Popen[bytes], stdin: bytes, max_output: int) -> None:
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+        self.process = process
+        self.stdin, self.stdout, self.stderr = process.stdin, process.stdout, process.stderr
+        self.pending = memoryview(stdin)
+        self.max_output = max_output
+        self.out: list[bytes] = []
+        self.err: list[bytes] = []
+        self.kept = 0
+        self.timed_out = self.truncated = self.input_broken = False
+
+    def run(self, deadline: float) -> None:
+        with selectors.DefaultSelector() as selector:
+            if self.pending:
+                os.set_blocking(self.stdin.fileno(), False)
+                selector.register(self.stdin, selectors.EVENT_WRITE)
+            else:
+                self.stdin.close()
+            selector.register(self.stdout, selectors.EVENT_READ)
+            selector.register(self.stderr, selectors.EVENT_READ)
+            while selector.get_map():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.timed_out = True
+                    _kill(self.process)
+                    break
+                for key, _events in selector.select(remaining):
+                    if key.fileobj is self.stdin:
+                        self._write(selector)
+                    else:
+                        self._read(selector, key.fileobj)
+        for stream in (self.stdin, self.stdout, self.stderr):
+            with contextlib.suppress(OSError):
+                stream.close()
+
+    def _write(self, selector: selectors.BaseSelector) -> None:
+        try:
+            self.pending = self.pending[os.write(self.stdin.fileno(), self.pending[:65536]):]
+        except BlockingIOError:
+            return
+        except BrokenPipeError:  # gpg exited (or was killed) before reading it all
+            self.input_broken, self.pending = True, self.pending[:0]
+        if not self.pending:
+            selector.unregister(self.stdin)
+            self.stdin.close()
+
+    def _read(self, selector: selectors.BaseSelector, stream: Any) -> None:
+        chunk = os.read(stream.fileno(), 65536)
+        if not chunk:
+            selector.unregister(stream)
+        elif stream is self.stderr:
+            self.err.append(chunk)
+        elif self.kept + len(chunk) > self.max_output:
+            if not self.truncated:  # drain without keeping: EOF follows
+                self.truncated = True
+                _kill(self.process)
+        else:
+            self.out.append(chunk)
+            self.kept += len(chunk)
+
+
+def _status_lines(stderr: str) -> tuple[tuple[str, str], ...]:
+    """The ``[GNUPG:]`` status lines of gpg's stderr, as python-gnupg reads them: (keyword, rest)."""
+    status: list[tuple[str, str]] = []
+    for line in stderr.splitlines():
+        if line.startswith("[GNUPG:] "):
+            fields = line[9:].rstrip().split(None, 1)
+            if fields:
+                status.append((fields[0], fields[1] if len(fields) > 1 else ""))
+    return tuple(status)
 
 
 def _operation(args: Sequence[str]) -> str:
