@@ -239,8 +239,7 @@ class Worker:
         """Process in worker processes (:mod:`mailer.workerproc`), ``pool()`` making the pool, instead of threads.
 
         ``worker.concurrency`` messages are in flight, shared among the
-        processes, each running its share at once (one waits for gpg or the
-        disk while another's Python runs).
+        processes, each running two at once (:data:`mailer.workerproc.CHILD_THREADS`).
         """
         self._processes = pool
         self.concurrency = max(self.config.worker.concurrency, processes)
