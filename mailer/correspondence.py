@@ -22,6 +22,7 @@ the rest (``to=""``).
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, replace
 from datetime import datetime
 from email.utils import parseaddr
@@ -36,6 +37,19 @@ from mailer.outgoing import Outgoing, Postman
 from mailer.text import valid_address
 
 log = logging.getLogger(__name__)
+
+#: (address, problem, content included) already warned about in this process: each notice is an audit event
+#: (``notice.without_encryption``), the log says it once, not for every report of a burst
+_warned: set[tuple[str, str, bool]] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(address: str, problem: str, detailed: bool) -> None:
+    with _warned_lock:
+        first = (address, problem, detailed) not in _warned
+        _warned.add((address, problem, detailed))
+    log.log(logging.WARNING if first else logging.DEBUG, "mail to %s %s report content: %s%s", address,
+            "carries" if detailed else "omits", problem, "" if first else " (again)")
 
 
 def maintainer_key_problem(gpg: OpenPGP, fingerprint: str) -> str | None:
@@ -112,8 +126,7 @@ class Correspondence:
             encrypt_to=(maintainer.fingerprint,) if problem is None else (),
         )
         if problem is not None and not reply:
-            log.warning("mail to %s %s report content: %s", maintainer.address,
-                        "carries" if detailed else "omits", problem)
+            _warn_once(maintainer.address, problem, detailed)
             self._event(outgoing.report, "notice.without_encryption", to=maintainer.address,
                         reason=problem, content_included=detailed)
         try:

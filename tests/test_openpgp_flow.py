@@ -421,6 +421,23 @@ async def test_notices_are_encrypted_to_pinned_keys_or_carry_no_content(tmp_path
         assert not any(d["content_included"] for d in reasons.values())
 
 
+async def test_a_maintainer_without_a_key_is_warned_about_once_and_recorded_each_time(
+        tmp_path: Path, migrated: str, relay: CaptureRelay, keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
+    """Every notice without encryption is an audit event; the log warns once per maintainer and problem."""
+    from mailer import correspondence
+
+    correspondence._warned.clear()  # this process may have warned in an earlier test
+    with caplog.at_level("DEBUG", logger="mailer.correspondence"):
+        async with running(tmp_path, migrated, relay, keys, worker={"processes": 0}) as service:
+            for i in range(2):
+                await asend(smtp_port(service), plain(f"{SECRET_BODY} ({i})", subject=f"{SECRET_SUBJECT} {i}"))
+            await service.settle()
+            notices = [e.detail for e in events(service, "notice.without_encryption") if e.detail["to"] == NO_FPR]
+    said = [r for r in caplog.records if NO_FPR in r.getMessage() and "omits report content" in r.getMessage()]
+    assert len(notices) == 2
+    assert [r.levelname for r in said] == ["WARNING", "DEBUG"]
+
+
 async def test_cleartext_to_maintainers_when_allowed(tmp_path: Path, migrated: str, relay: CaptureRelay,
                                                      keys: Keys) -> None:
     """With allow_cleartext_to_maintainers a keyless maintainer gets the content signed, not encrypted."""
