@@ -332,6 +332,8 @@ class Worker:
     async def finish(self, timeout: float | None = None) -> int:
         """Stop claiming and wait (at most ``timeout`` s) for the messages in flight; returns how many are still running."""
         self.accepting = False
+        loop = asyncio.get_running_loop()
+        until = None if timeout is None else loop.time() + timeout
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=timeout)
         for future in [f for f in self._inflight if f.done()]:
@@ -345,8 +347,11 @@ class Worker:
             self._executor = None
         if self._process_pool is not None:
             pool, self._process_pool = self._process_pool, None
-            # idle processes exit now; one still busy past the grace period finishes its message, then exits
-            await asyncio.to_thread(pool.shutdown, wait=not self._inflight, cancel_futures=True)
+            # idle processes exit now; one still busy past the grace period finishes its message, then exits.
+            # Their exit is waited for within the timeout, not past it: they die with the service anyway.
+            pool.shutdown(wait=False, cancel_futures=True)
+            if not self._inflight and isinstance(pool, workerproc.ChildPool):
+                await asyncio.to_thread(pool.join, None if until is None else max(0.0, until - loop.time()))
         if self._inflight:
             log.warning("%d message(s) still being processed at the end of the shutdown grace period; "
                         "their claims expire after %.0f s", len(self._inflight), self.lease)

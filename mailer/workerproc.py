@@ -193,8 +193,13 @@ class ChildPool(Executor):
             except (OSError, ValueError):
                 pass
         if wait:
-            for child in self._children:
-                child.process.join()
+            self.join()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait (at most *timeout* seconds in all) for the children to exit."""
+        until = None if timeout is None else time.monotonic() + timeout
+        for child in self._children:
+            child.process.join(None if until is None else max(0.0, until - time.monotonic()))
 
 
 def _child_main(conn: Connection, threads: int, init_args: tuple[Any, ...]) -> None:
