@@ -145,28 +145,6 @@ class _Guard:
             _kill(self.process)
 
 
-class _StatusCollector(gnupg.StatusHandler):  # type: ignore[misc]  # python-gnupg is untyped
-    """Result object of :meth:`BoundedGPG.run`: keeps every status line in order."""
-
-    def __init__(self, gpg: BoundedGPG) -> None:
-        super().__init__(gpg)
-        self.status: list[tuple[str, str]] = []
-        self.data = b""
-        self.stderr = ""
-        self.returncode: int | None = None
-        self.guard: _Guard | None = None
-        self.input_broken = False
-
-    def handle_status(self, key: str, value: str) -> None:
-        self.status.append((key, value))
-
-    def record(self) -> GpgRun:
-        guard = self.guard
-        return GpgRun(status=tuple(self.status), returncode=self.returncode, data=bytes(self.data),
-                      stderr=self.stderr, timed_out=bool(guard and guard.timed_out),
-                      output_truncated=bool(guard and guard.output_truncated), input_broken=self.input_broken)
-
-
 # --------------------------------------------------------------------------- bounded gpg
 
 
@@ -241,8 +219,6 @@ class BoundedGPG(gnupg.GPG):  # type: ignore[misc]  # python-gnupg is untyped
             with self._guards_lock:
                 self._guards.pop(id(result), None)
             guard.process = None
-            if isinstance(result, _StatusCollector):
-                result.guard = guard
 
     def _read_data(self, stream: IO[bytes], result: Any, on_data: Any = None, buffer_size: int = 1024) -> None:
         with self._guards_lock:
@@ -270,8 +246,6 @@ class BoundedGPG(gnupg.GPG):  # type: ignore[misc]  # python-gnupg is untyped
         try:
             return super()._handle_io(args, fileobj_or_path, result, passphrase=passphrase, binary=binary)
         except BrokenPipeError:
-            if isinstance(result, _StatusCollector):
-                result.input_broken = True
             return result
 
 
