@@ -560,7 +560,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
                 per_report = {"sign": 1 + len(maintainers) - len(keyed), "sign_encrypt": len(keyed)}
                 if args.encrypted:
                     armored = [r.armored for r in svc_reports[:64]]  # type: ignore[attr-defined]
-                    ops["decrypt"] = lambda i: gpg.decrypt(armored[i % len(armored)]) and None
+                    ops["decrypt"] = lambda i: gpg.decrypt(armored[i % len(armored)], via_helper=False) and None
                     per_report["decrypt"] = 1
                 rates = await asyncio.to_thread(gpg_rates, gpg, ops, args.gpg_ops)
     finally:

@@ -57,6 +57,7 @@ def open_keyring(config: Config) -> OpenPGP:
     return OpenPGP(
         str(config.gnupg_home), passphrase=config.gnupg.secret(),
         timeout=config.gnupg.timeout_seconds, max_output=config.gnupg.max_output_bytes,
+        decrypt_helper=config.gnupg.decrypt_helper,
     )
 
 

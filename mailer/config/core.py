@@ -177,6 +177,8 @@ class GnupgConfig(Section):
     allow_cleartext_to_maintainers: bool = False
     timeout_seconds: float = Field(30.0, gt=0)
     max_output_bytes: int = Field(32 * 1024 * 1024, ge=1024 * 1024)
+    #: unsigned encrypted mail is decrypted by a helper process holding the encryption subkey (mailer.openpgp.helper)
+    decrypt_helper: bool = True
 
     @field_validator("sendkey_suffix")
     @classmethod
