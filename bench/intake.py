@@ -322,7 +322,8 @@ async def measure_service(reports: list[Report], warmup: list[Report], db_url: s
         "database": {"url": db_url},
         "relay": {"url": relay.url, "timeout_seconds": args.timeout},
         "maintainers": MAINTAINERS[: args.maintainers] if maintainers is None else maintainers,
-        **({"gnupg": {"home": home, "timeout_seconds": max(30.0, args.timeout)}} if home else {}),
+        "gnupg": {**({"home": home} if home else {}), "timeout_seconds": max(30.0, args.timeout),
+                  "decrypt_helper": not args.gpg_decrypt},
         **({"worker": {"processes": args.processes}} if args.processes is not None else {}),
     })
     service = Service(config)
@@ -616,6 +617,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:  # noqa: PLR0915 - 
         "maintainers": args.maintainers,
         "database": redact(args.database) if args.database else "sqlite (temp file)",
         "worker_processes": args.processes if args.processes is not None else WorkerConfig().processes,
+        "decrypt_helper": not args.gpg_decrypt,
     }
     return result
 
@@ -692,6 +694,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="gpg calls per operation kind and parallelism for the GnuPG bound (default 32; 0: skip)")
     parser.add_argument("--processes", type=int, default=None,
                         help="worker.processes for the service (default: the service's default)")
+    parser.add_argument("--gpg-decrypt", action="store_true",
+                        help="the service decrypts with a gpg process each (gnupg.decrypt_helper = false)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
     args.threads = 8

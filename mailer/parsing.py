@@ -155,11 +155,6 @@ def _walk(message: EmailMessage, limits: ParsingConfig) -> tuple[str, list[Attac
 def parse_message(raw: bytes, limits: ParsingConfig) -> Parsed:
     """Parse received bytes; headers always, the body within bounds (else ``error`` says why)."""
     normalised = normalise_line_endings(raw)
-    headers = BytesParser(policy=policy.default).parsebytes(normalised, headersonly=True)
-    try:
-        subject = str(headers.get("Subject", "") or "")
-    except Exception:  # noqa: BLE001 - a malformed encoded word must not lose the message
-        subject = ""
     message: EmailMessage | None = None
     body_text, error = "", None
     attachments: list[AttachmentData] = []
@@ -174,6 +169,13 @@ def parse_message(raw: bytes, limits: ParsingConfig) -> Parsed:
         error = str(exc)
     except RecursionError:
         error = "MIME structure too deeply nested"
+    # the whole message's headers when it parsed; else its header block alone (it is never out of bounds)
+    headers = message if message is not None else BytesParser(policy=policy.default).parsebytes(
+        normalised, headersonly=True)
+    try:
+        subject = str(headers.get("Subject", "") or "")
+    except Exception:  # noqa: BLE001 - a malformed encoded word must not lose the message
+        subject = ""
     return Parsed(
         headers=headers,
         message=message,

@@ -43,6 +43,7 @@ def make_environment(directory: Path = TEMPLATES) -> SandboxedEnvironment:
     """Templates are plain text (no HTML escaping) rendered in jinja2's sandbox."""
     env = SandboxedEnvironment(
         loader=FileSystemLoader(str(directory)),
+        auto_reload=False,  # templates are read once per process, not stat()ed at every use
         undefined=StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,

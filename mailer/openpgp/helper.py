@@ -34,7 +34,7 @@ import contextlib
 import json
 import logging
 import os
-import selectors
+import select
 import struct
 import subprocess
 import sys
@@ -54,6 +54,8 @@ CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decrypt_child.
 RESTART_AFTER = 10.0
 #: seconds a helper serves before it is replaced (the keyring may have changed: as ``Keyring.LISTING_TTL``)
 MAX_AGE = 30.0
+#: what a pipe holds on Linux (64 KiB): a request this size is written without waiting
+_PIPE_ROOM = 65536
 #: how long a helper may take to start (load its key) before gpg is used instead
 START_TIMEOUT = 10.0
 
@@ -85,6 +87,11 @@ class _Child:
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                         env={"PATH": os.environ.get("PATH", ""), "RUST_BACKTRACE": "0",
                                              "RUST_LIB_BACKTRACE": "0"})
+        assert self.process.stdin is not None and self.process.stdout is not None
+        os.set_blocking(self.process.stdin.fileno(), False)
+        self._poll = select.poll()  # kept for the helper's life: no epoll set up per exchange
+        self._poll.register(self.process.stdout.fileno(), select.POLLIN)
+        self._poll.register(self.process.stdin.fileno(), 0)
         setup = {"max_output": max_output, "memory_bytes": 6 * max_output + 64 * 1024 * 1024,
                  "passphrase": passphrase}
         try:
@@ -97,38 +104,50 @@ class _Child:
             raise HelperGone(f"did not start: {answer[1:].decode('utf-8', 'replace') or 'no answer'}")
 
     def exchange(self, request: bytes, timeout: float) -> bytes:
-        """Write *request* (whole frames), read one answer frame; :class:`HelperGone` if none comes in time."""
+        """Write *request* (whole frames), read one answer frame; :class:`HelperGone` if none comes in time.
+
+        The pipe is empty when a request starts (every earlier one was answered), so a request
+        that fits in it is written at once; a larger one is written as the helper reads it.
+        """
         process = self.process
         assert process.stdin is not None and process.stdout is not None
+        stdin, stdout = process.stdin.fileno(), process.stdout.fileno()
         deadline = time.monotonic() + timeout
         pending = memoryview(request)
+        try:
+            pending = pending[os.write(stdin, pending[:_PIPE_ROOM]):]
+        except BlockingIOError:
+            pass
+        except OSError as exc:  # the helper is gone (EPIPE)
+            raise HelperGone(str(exc)) from None
+        if pending:
+            self._poll.modify(stdin, select.POLLOUT)
         received = bytearray()
         wanted: int | None = None
-        os.set_blocking(process.stdin.fileno(), False)
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdin, selectors.EVENT_WRITE)
-            selector.register(process.stdout, selectors.EVENT_READ)
-            while wanted is None or len(received) < wanted + 4:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise HelperGone("timed out")
-                for key, _events in selector.select(remaining):
-                    if key.fileobj is process.stdin:
-                        try:
-                            pending = pending[os.write(process.stdin.fileno(), pending[:1 << 20]):]
-                        except BlockingIOError:
-                            continue
-                        except OSError as exc:  # the helper is gone (EPIPE)
-                            raise HelperGone(str(exc)) from None
-                        if not pending:
-                            selector.unregister(process.stdin)
-                    else:
-                        chunk = os.read(process.stdout.fileno(), 1 << 20)
-                        if not chunk:
-                            raise HelperGone(_exit_text(process))
-                        received += chunk
-                        if wanted is None and len(received) >= 4:
-                            (wanted,) = struct.unpack(">I", received[:4])
+        while wanted is None or len(received) < wanted + 4:
+            remaining = deadline - time.monotonic()
+            events = self._poll.poll(max(0.0, remaining) * 1000) if remaining > 0 else []
+            if not events:
+                raise HelperGone("timed out")
+            for fd, mask in events:
+                if fd == stdin:
+                    if mask & (select.POLLERR | select.POLLHUP):  # the helper closed its input: it is gone
+                        raise HelperGone(_exit_text(process))
+                    try:
+                        pending = pending[os.write(stdin, pending[:1 << 20]):]
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        raise HelperGone(str(exc)) from None
+                    if not pending:
+                        self._poll.modify(stdin, 0)
+                    continue
+                chunk = os.read(stdout, 1 << 20)
+                if not chunk:
+                    raise HelperGone(_exit_text(process))
+                received += chunk
+                if wanted is None and len(received) >= 4:
+                    (wanted,) = struct.unpack(">I", received[:4])
         return bytes(received[4:])
 
     def close(self) -> None:
