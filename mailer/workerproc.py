@@ -250,12 +250,14 @@ def _init(config: Config, owner: str, key: ServiceKey, parent: int, logging_: tu
     from mailer import logs
     from mailer.app import install_data_key, open_keyring
     from mailer.db import Database
+    from mailer.openpgp import operations as operations_module
     from mailer.openpgp import process as process_module
     from mailer.worker import Worker
     from outbound.outbox import Outbox
 
     logs.setup(logging.getLevelName(logging_[0]), logging_[1])
     process_module.GPG = _gpg_times  # type: ignore[attr-defined,assignment]  # the parent serves /metrics
+    operations_module.GPG = _gpg_times  # type: ignore[attr-defined,assignment]  # the helper's decryptions, the agent's signatures
     install_data_key(config)
     db = Database(config.database_url)
     db.owner = owner  # the claims are the parent's

@@ -297,6 +297,33 @@ async def test_encrypted_report_is_decrypted_filed_and_ack_is_generic(service: S
     without_secrets(out.text)
 
 
+@pytest.mark.parametrize("processes", [0, 1])
+async def test_unsigned_encrypted_report_is_decrypted_by_the_helper(tmp_path: Path, migrated: str,
+                                                                   relay: CaptureRelay, keys: Keys,
+                                                                   processes: int) -> None:
+    """In a worker process or a thread, an unsigned encrypted report is decrypted by the helper, counted in
+    the service's mailer_gpg_seconds, with no gpg --decrypt; a signed one is left to gpg."""
+    from mailer.metrics import REGISTRY
+
+    def count(op: str) -> float:
+        return REGISTRY.get_sample_value("mailer_gpg_seconds_count", {"op": op}) or 0.0
+
+    inner = inner_text_entity(SECRET_BODY, subject=SECRET_SUBJECT)
+    async with running(tmp_path, migrated, relay, keys, worker={"processes": processes}) as service:
+        client_gpg(keys.reporter, service)
+        by_helper, by_gpg = count("decrypt-in-helper"), count("decrypt")
+        await asend(smtp_port(service), thunderbird(keys.reporter, [service.fingerprint], inner))
+        await service.settle()
+        assert (count("decrypt-in-helper"), count("decrypt")) == (by_helper + 1, by_gpg)
+        signed = thunderbird(keys.reporter, [service.fingerprint], inner, signer=keys.reporter_fpr,
+                             sender="other@reporter.example")
+        await asend(smtp_port(service), signed)
+        await service.settle()
+        assert count("decrypt-in-helper") == by_helper + 1 and count("decrypt") > by_gpg
+        filed = reports(service)
+    assert len(filed) == 2 and all(r.subject == SECRET_SUBJECT and r.flags.get("encrypted") for r in filed)
+
+
 # --------------------------------------------------------------------------- 3. reporter key attached
 
 
