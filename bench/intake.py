@@ -322,8 +322,8 @@ async def measure_service(reports: list[Report], warmup: list[Report], db_url: s
         "database": {"url": db_url},
         "relay": {"url": relay.url, "timeout_seconds": args.timeout},
         "maintainers": MAINTAINERS[: args.maintainers] if maintainers is None else maintainers,
-        "gnupg": {**({"home": home} if home else {}), "timeout_seconds": max(30.0, args.timeout),
-                  "decrypt_helper": not args.gpg_decrypt},
+        "gnupg": {"decrypt_helper": not args.gpg_decrypt,
+                  **({"home": home, "timeout_seconds": max(30.0, args.timeout)} if home else {})},
         **({"worker": {"processes": args.processes}} if args.processes is not None else {}),
     })
     service = Service(config)

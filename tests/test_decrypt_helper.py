@@ -187,6 +187,19 @@ def test_helper_is_replaced_when_the_key_may_have_changed(world: World) -> None:
         helper.close()
 
 
+def test_importing_a_public_key_keeps_the_helper_a_secret_key_replaces_it(world: World) -> None:
+    """A public key imported (a maintainer's) leaves the helper running; ensure_service_key starts a new one."""
+    ct = world.client.encrypt(SECRET, [world.svc_fpr])
+    helper = world.svc.helper
+    assert helper is not None and world.svc.decrypt(ct).ok
+    first = helper.pid
+    world.svc.import_public(world.client.gpg("--export", world.mallory).stdout)
+    assert world.svc.decrypt(ct).ok and helper.pid == first
+    assert world.svc.ensure_service_key("Security Team", "security@example.com") == world.svc_fpr
+    assert helper.pid is None
+    assert world.svc.decrypt(ct).data == SECRET and helper.pid not in (None, first)
+
+
 def test_closed_helper_process_is_gone(world: World) -> None:
     """close() ends the helper process (it exits on the end of its input) and reaps it."""
     helper = helper_for(world)

@@ -24,8 +24,10 @@ Only the encryption subkeys leave gpg-agent (``--export-secret-subkeys`` of
 those, protected by the service passphrase), straight into the helper's stdin;
 the primary key, which signs, stays in the agent. The helper is restarted after
 :data:`MAX_AGE` seconds, so a key removed from the keyring by another process is
-not used for longer than a key listing is cached. ``gnupg.decrypt_helper =
-false`` turns it off.
+not used for longer than a key listing is cached, and at once when a secret key
+is generated or imported here (importing a public key leaves it running); an
+export that failed (a wrong passphrase) is tried again after that long too.
+``gnupg.decrypt_helper = false`` turns it off.
 """
 
 from __future__ import annotations
@@ -195,7 +197,7 @@ class DecryptHelper:
         self.timeout = timeout
         self._child: _Child | None = None
         self._down_until = 0.0  # monotonic time before which no helper is started
-        self._unavailable: str | None = None  # why no helper can start for this key (until forget())
+        self._unavailable: str | None = None  # why the subkey could not be exported, last time
         self._lock = threading.Lock()
         self._finalizer: weakref.finalize[[subprocess.Popen[bytes]], DecryptHelper] | None = None
 
@@ -227,7 +229,7 @@ class DecryptHelper:
         return child.process.pid if child is not None else None
 
     def forget(self) -> None:
-        """The service key may have changed: the next decryption starts a new helper."""
+        """The service's secret key may have changed: the next decryption starts a new helper."""
         with self._lock:
             self._drop(down=False)
             self._unavailable = None
@@ -240,13 +242,16 @@ class DecryptHelper:
         now = time.monotonic()
         if self._child is not None and now - self._child.started > self.max_age:
             self._drop(down=False)
-        if self._child is None and now >= self._down_until and self._unavailable is None:
+        if self._child is None and now >= self._down_until:
             try:
                 key = self._export_key()
             except Exception as exc:  # noqa: BLE001  # no helper is never an error: gpg decrypts
-                self._unavailable = str(exc)
-                log.warning("decrypting with gpg, not in a helper process: %s", exc)
+                # a wrong passphrase stays wrong, a busy gpg may not: tried again after max_age, said once
+                if str(exc) != self._unavailable:
+                    log.warning("decrypting with gpg, not in a helper process: %s", exc)
+                self._unavailable, self._down_until = str(exc), now + self.max_age
                 return None
+            self._unavailable = None
             try:
                 self._child = _Child(key, self._passphrase, self.max_output, self.timeout)
             except (HelperGone, OSError) as exc:

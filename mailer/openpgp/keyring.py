@@ -150,6 +150,9 @@ class Keyring:
         self._cache = None
         self._service_fpr = None
 
+    def _secret_changed(self) -> None:
+        """Called when the home's secret keys may change (a service key generated or imported here)."""
+
     def key_info(self, fpr: str) -> KeyInfo | None:
         """Information about the key with primary fingerprint *fpr*, or ``None``."""
         try:
@@ -195,6 +198,7 @@ class Keyring:
         for signing and decrypting).
         """
         self._forget()
+        self._secret_changed()
         if passphrase is not None:
             self.passphrase = passphrase
         secrets = self._gpg.list_keys(secret=True)
@@ -256,6 +260,7 @@ class Keyring:
     def import_secret(self, data: bytes | str, passphrase: str | None = None) -> list[str]:
         """Import a secret key (e.g. a backup of the service key).  Returns fingerprints."""
         self._forget()
+        self._secret_changed()
         result = self._gpg.import_keys(_as_bytes(data), passphrase=passphrase,
                                        extra_args=[] if passphrase else ["--pinentry-mode", "error"])
         if result.returncode != 0 or (not result.sec_imported and not result.sec_dups):

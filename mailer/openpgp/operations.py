@@ -114,6 +114,9 @@ class OpenPGP(Keyring):
         super()._forget()
         self._drop_agent()
         self._encryptor.forget()
+
+    def _secret_changed(self) -> None:
+        # a public key imported (a maintainer's, an embargo member's) leaves the helper's subkey as it is
         if self._helper is not None:
             self._helper.forget()
 
@@ -254,7 +257,8 @@ class OpenPGP(Keyring):
         extra_keys = [self.export_public(self._check_usable(f)) for f in also_to]
         scratch = tempfile.mkdtemp(prefix="g")
         try:
-            tmp = OpenPGP(scratch, timeout=self.timeout, max_output=self.max_output, gpgbinary=self.gpgbinary)
+            tmp = OpenPGP(scratch, timeout=self.timeout, max_output=self.max_output, gpgbinary=self.gpgbinary,
+                          decrypt_helper=False)
             raw = key_blob.encode() if isinstance(key_blob, str) else key_blob
             records = [r for r in tmp._scan(raw) if r[0] in ("pub", "sec")]
             if len(records) != 1:
