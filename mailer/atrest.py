@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import logging
@@ -73,6 +74,12 @@ def key_id(key: bytes) -> str:
     return hashlib.sha256(key).hexdigest()[:_ID_LEN]
 
 
+@functools.lru_cache(maxsize=16)
+def _cipher(key: bytes) -> AESGCM:
+    """One AES-GCM object per data key (each call takes its own nonce; the object holds only the key)."""
+    return AESGCM(key)
+
+
 @dataclass
 class DataKeyring:
     """Data keys by id; ``current`` encrypts, all decrypt."""
@@ -98,7 +105,7 @@ class DataKeyring:
 
     def _key(self, kid: str) -> AESGCM:
         try:
-            return AESGCM(self.keys[kid])
+            return _cipher(self.keys[kid])
         except KeyError:
             raise DataKeyError(f"value encrypted with data key {kid}, which is not configured ({ENV}, "
                                "[storage] data_key_file or <data_dir>/data.key)") from None
@@ -260,10 +267,12 @@ class EncryptedBytes(TypeDecorator[bytes]):
         self.purpose = purpose
 
     def process_bind_param(self, value: bytes | None, dialect: Dialect) -> bytes | None:
+        return None if value is None else self.seal(value)
+
+    def seal(self, value: bytes) -> bytes:
+        """The value as stored (bound as plain ``LargeBinary``): sealed ahead, outside a write transaction."""
         ring = _Process.ring
-        if value is None or ring is None:
-            return value
-        return ring.seal(bytes(value), self.purpose)
+        return value if ring is None else ring.seal(bytes(value), self.purpose)
 
     def process_result_value(self, value: bytes | None, dialect: Dialect) -> bytes | None:
         if value is None:

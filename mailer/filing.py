@@ -55,7 +55,10 @@ def _finish(ctx: Processing) -> None:
 def file_report(ctx: Processing) -> None:
     """A new report with a tracking id; the policy's fields are read from its text."""
     m, pgp = ctx.m, ctx.protected
-    fields, missing = extract_fields(ctx.text) if m.error is None else ({}, list(FIELDS))
+    if ctx.fields is not None:  # read before the write transaction (prepare.read_fields)
+        fields, missing = ctx.fields
+    else:
+        fields, missing = extract_fields(ctx.text) if m.error is None else ({}, list(FIELDS))
     flags: dict[str, object] = {"unparseable": m.error} if m.error else {}
     if ctx.encrypted_input:
         flags["encrypted"] = True

@@ -1,4 +1,4 @@
-"""The steps every message takes before its route is chosen: parse → unwrap_openpgp → classify.
+"""The steps every message takes before its route is chosen: parse → unwrap_openpgp → read_fields → classify.
 
 ``classify`` decides once, up front, what the message is (:class:`MessageKind`);
 the kind names the route it then follows (``mailer.pipeline.ROUTES``). No
@@ -18,7 +18,7 @@ from mailer.authn import maintainer_by_address, maintainer_by_fingerprint
 from mailer.classify import MessageKind
 from mailer.config import Maintainer
 from mailer.models import Report, ReportMessage
-from mailer.parsing import UNKNOWN_ENVELOPE, envelope_address, parse_message
+from mailer.parsing import FIELDS, UNKNOWN_ENVELOPE, envelope_address, extract_fields, parse_message
 from mailer.pgpmime import unwrap
 from mailer.pgpshapes import looks_encrypted
 from mailer.processing import Processing, embedded_msgids
@@ -29,7 +29,7 @@ _ENCRYPTED_MARKERS = (b"-----begin pgp message", b"multipart/encrypted")
 
 
 def parse(ctx: Processing) -> None:
-    ctx.message = parse_message(ctx.inbound.raw, ctx.config.parsing)
+    ctx.message = parse_message(ctx.raw, ctx.config.parsing)
     if ctx.inbound.mail_from == UNKNOWN_ENVELOPE:
         # no Return-Path (an IMAP append): the sender is unknown, not null; the From address stands in
         ctx.envelope_unknown = True
@@ -40,7 +40,7 @@ def parse(ctx: Processing) -> None:
 
 def unwrap_openpgp(ctx: Processing) -> None:
     """Decrypt and verify over the raw bytes as received, into the separate ``protected`` view."""
-    raw = ctx.inbound.raw
+    raw = ctx.raw
     markers = {m.lower() for m in _OPENPGP.findall(raw)}
     # OpenPGP the raw bytes do not show: in a base64 or quoted-printable part, an attached .asc or .gpg, HTML
     hidden = "-----BEGIN PGP " in ctx.m.body_text or any(
@@ -49,6 +49,11 @@ def unwrap_openpgp(ctx: Processing) -> None:
         return
     ctx.protected = pgp = unwrap(raw, ctx.gpg, limits=ctx.config.parsing)
     ctx.encrypted_input = pgp.encrypted or pgp.encrypted_seen or any(m in markers for m in _ENCRYPTED_MARKERS)
+
+
+def read_fields(ctx: Processing) -> None:
+    """The policy's fields in the message's text, read before the write transaction (filing a report uses them)."""
+    ctx.fields = extract_fields(ctx.text) if ctx.m.error is None else ({}, list(FIELDS))
 
 
 def _report_by_references(ctx: Processing, msgids: Sequence[str]) -> Report | None:
@@ -90,7 +95,7 @@ def _kind(ctx: Processing) -> MessageKind:
     if ctx.config.sendkey_address in rcpts and ctx.config.service.contact not in rcpts:
         return MessageKind.SENDKEY
     if rules.is_bounce(m, ctx.envelope_from):
-        ctx.report = _report_by_references(ctx, [*m.references, *embedded_msgids(ctx.inbound.raw)])
+        ctx.report = _report_by_references(ctx, [*m.references, *embedded_msgids(ctx.raw)])
         ctx.report = ctx.report or _report_by_tracking_id(ctx)
         return MessageKind.BOUNCE if ctx.report is not None else MessageKind.IGNORED
     ctx.report = _report_by_references(ctx, m.references) or _report_by_tracking_id(ctx)

@@ -54,13 +54,25 @@ class Processing:
     acks_sent_today: int | None = None
     report: Report | None = None
     report_message: ReportMessage | None = None
+    #: the received bytes, read once: the write transaction loads the row without them
+    received: bytes | None = None
+    #: the policy's fields found in :attr:`text` and the names missing (``read_fields``, before the write lock)
+    fields: tuple[dict[str, str], list[str]] | None = None
 
     def carried_to(self, session: Session, inbound: InboundMessage, now: datetime) -> Processing:
         """A new context in ``session`` with what the steps run so far found (the message's views)."""
         return Processing(session, self.config, self.postman, self.gpg, inbound, now,
                           envelope_from=self.envelope_from, envelope_unknown=self.envelope_unknown,
                           message=self.message, protected=self.protected, encrypted_input=self.encrypted_input,
-                          kind=self.kind, acks_sent_today=self.acks_sent_today)
+                          kind=self.kind, acks_sent_today=self.acks_sent_today, received=self.received,
+                          fields=self.fields)
+
+    @property
+    def raw(self) -> bytes:
+        """The message as received."""
+        if self.received is None:
+            self.received = self.inbound.raw
+        return self.received
 
     @property
     def m(self) -> Parsed:

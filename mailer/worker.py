@@ -38,6 +38,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import defer
 
 from mailer import logs, workerproc
 from mailer.clock import SYSTEM, Clock
@@ -187,7 +188,9 @@ class Worker:
                 self.pipeline.read(read)
             with self.db.session() as session:
                 # the row lock: a second instance whose claim raced ours waits here, then sees it done
-                inbound = self._ours(session.get(InboundMessage, inbound_id, with_for_update=True), inbound_id)
+                # without its bytes: the read phase has them (under the lock, no blob is read and decrypted again)
+                inbound = self._ours(session.get(InboundMessage, inbound_id, with_for_update=True,
+                                                 options=[defer(InboundMessage.raw)]), inbound_id)
                 if inbound is None:
                     return Outcome(inbound_id)
                 ctx = read.carried_to(session, inbound, self.clock())

@@ -21,10 +21,11 @@ from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 import aiosmtplib
-from sqlalchemy import Table, bindparam, case, select, update
+from sqlalchemy import LargeBinary, Table, bindparam, case, select, update
 from sqlalchemy.orm import Session
 
 from mailer import logs
+from mailer.atrest import EncryptedBytes
 from mailer.clock import SYSTEM, Clock
 from mailer.config import RelayConfig
 from mailer.db import Database, claim_for, claimable, release_claims, renew_claims
@@ -169,6 +170,10 @@ def transport_for(url: str, config: RelayConfig) -> Transport:
 #: one attempt: the row as sent (its signed bytes, if signed now) and the relay's refusal, if any
 Attempt = tuple[OutboxMessage, DeliveryError | None]
 
+#: the outbox's bytes column, and the plain type its bytes are bound with once sealed (:meth:`Sender._sign`)
+_RAW = cast(EncryptedBytes, cast(Table, OutboxMessage.__table__).c.raw.type)
+_SEALED = LargeBinary()
+
 #: acknowledgements first (the reporters' SLA), then in the order queued
 ACKS_FIRST = (case((OutboxMessage.kind == MailKind.ACK.value, 0), else_=1), OutboxMessage.id)
 
@@ -201,8 +206,8 @@ class Sender:
         self.stopping = asyncio.Event()
         self.busy = False  # inside a drain (shutdown waits for the mail being sent)
         self._held: list[int] = []
-        #: rows signed in this pass (by id: the very object signed), their bytes not stored yet
-        self._signed: dict[int, OutboxMessage] = {}
+        #: rows signed in this pass (by id: the very object signed, and its bytes as stored), not stored yet
+        self._signed: dict[int, tuple[OutboxMessage, bytes]] = {}
 
     def _claim(self, skip: frozenset[int] = frozenset()) -> list[OutboxMessage]:
         now = self.clock()
@@ -235,6 +240,13 @@ class Sender:
         """
         now = self.clock()
         table = cast(Table, OutboxMessage.__table__)
+        # the tracking ids (for the log lines) never change: read before the write lock
+        report_ids = {row.report_id for row, _ in outcomes if row.report_id is not None}
+        tracking: dict[int, str] = {}
+        if report_ids:
+            with self.db.reading() as session:
+                query = select(Report.id, Report.tracking_id).where(Report.id.in_(report_ids))
+                tracking.update((report_id, tracking_id) for report_id, tracking_id in session.execute(query))
         with self.db.session() as session:
             current = {
                 found.id: found for found in session.execute(
@@ -242,11 +254,6 @@ class Sender:
                     .where(table.c.id.in_([row.id for row, _ in outcomes])).with_for_update()
                 )
             }
-            report_ids = {row.report_id for row, _ in outcomes if row.report_id is not None}
-            tracking: dict[int, str] = {}
-            if report_ids:
-                query = select(Report.id, Report.tracking_id).where(Report.id.in_(report_ids))
-                tracking.update((report_id, tracking_id) for report_id, tracking_id in session.execute(query))
             changes: dict[tuple[str, ...], list[dict[str, object]]] = {}
             for row, error in outcomes:
                 found = current.get(row.id)
@@ -257,12 +264,13 @@ class Sender:
                     continue
                 values = self._apply(session, row, attempts=found.attempts, deliver_until=found.deliver_until,
                                      error=error, now=now, tracking=tracking.get(row.report_id or 0))
-                if self._signed.get(row.id) is row:  # signed now (a row claimed again is another object)
-                    values["raw"], values["needs_signature"] = row.raw, False
+                signed = self._signed.get(row.id)
+                if signed is not None and signed[0] is row:  # signed now (a row claimed again is another object)
+                    values["raw"], values["needs_signature"] = signed[1], False
                 changes.setdefault(tuple(sorted(values)), []).append({**values, "row_id": row.id})
             for columns, params in changes.items():
                 change = update(table).where(table.c.id == bindparam("row_id")).values(
-                    {name: bindparam(name, type_=table.c[name].type) for name in columns})
+                    {name: bindparam(name, type_=_SEALED if name == "raw" else table.c[name].type) for name in columns})
                 session.connection().execute(change, params)
         for row, _ in outcomes:
             self._signed.pop(row.id, None)
@@ -371,10 +379,14 @@ class Sender:
             return {}
         signer, limit = self.signer, asyncio.Semaphore(self.SIGNING)
 
-        async def one(row: OutboxMessage) -> tuple[OutboxMessage, bytes | Exception]:
+        def sign(row: OutboxMessage) -> tuple[bytes, bytes]:
+            signed = signer(row.raw, tuple(row.encrypt_to or ()))
+            return signed, _RAW.seal(signed)  # sealed at rest here, not under the write lock
+
+        async def one(row: OutboxMessage) -> tuple[OutboxMessage, tuple[bytes, bytes] | Exception]:
             async with limit:
                 try:
-                    return row, await asyncio.to_thread(signer, row.raw, tuple(row.encrypt_to or ()))
+                    return row, await asyncio.to_thread(sign, row)
                 except Exception as exc:  # noqa: BLE001 - recorded on the row as a temporary failure
                     return row, exc
 
@@ -384,8 +396,8 @@ class Sender:
                 log.error("outgoing message %s could not be signed (or encrypted): %s", row.id, result)
                 failed[row.id] = DeliveryError(f"signing failed: {result}", temporary=True)
             else:
-                row.raw, row.needs_signature = result, False
-                self._signed[row.id] = row
+                row.raw, row.needs_signature = result[0], False
+                self._signed[row.id] = (row, result[1])
         return failed
 
     async def _flush(self, outcomes: list[Attempt]) -> None:

@@ -26,7 +26,7 @@ from mailer import atrest
 from mailer.app import Service
 from mailer.cli.views import report_detail
 from mailer.errors import ConfigError
-from mailer.models import Attachment, Event, Report, ReportKey, ReportMessage
+from mailer.models import Attachment, Event, OutboxMessage, Report, ReportKey, ReportMessage
 from tests.conftest import smtp_port
 from tests.gpgtools import inner_text_entity
 from tests.relay import CaptureRelay
@@ -106,9 +106,13 @@ async def test_encrypted_report_is_not_in_the_database_files_or_a_dump(tmp_path:
         ring = atrest.installed()
         assert ring is not None
         for table, column in (("report_messages", "body_text"), ("reports", "subject"), ("reports", "fields"),
-                              ("attachments", "data"), ("inbound_messages", "raw"), ("events", "detail")):
+                              ("attachments", "data"), ("inbound_messages", "raw"), ("events", "detail"),
+                              ("outbox", "raw")):  # the sender seals the signed bytes itself, before its write
             values = stored_raw(service, table, column)
             assert values and {atrest.value_key_id(v) for v in values} == {ring.current}, (table, column)  # type: ignore[arg-type]
+        with service.db.session() as s:  # what was stored sealed is the mail as signed (and encrypted) and sent
+            sent = [(row.needs_signature, row.raw) for row in s.scalars(select(OutboxMessage))]
+        assert sent and all(not unsigned and b"-----BEGIN PGP " in raw for unsigned, raw in sent)
         key_file = service.config.service.data_dir / "data.key"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
 
