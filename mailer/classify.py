@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import enum
 import re
+from dataclasses import dataclass
 
 from mailer.parsing import Parsed
 
 _DAEMON = re.compile(r"^(mailer-daemon|postmaster|mail-daemon|mailerdaemon|bounces?|noreply|no-reply|do-not-reply)([+\-].*)?@", re.I)
 _AUTO_REPLY_HEADERS = ("X-Autoreply", "X-Autorespond", "X-Auto-Response-Suppress")
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What the message itself shows, no database needed: read once, before the write transaction."""
+
+    bounce: bool  # a delivery-status notification (:func:`is_bounce`)
+    auto_reply: bool  # :func:`is_auto_reply`
+    commands: bool  # its text looks like maintainer commands (they are authenticated on their route)
+    no_reply: str | None  # why it must not be answered automatically (:func:`no_reply_reason`), or None
 
 
 class MessageKind(enum.StrEnum):
@@ -35,9 +46,7 @@ def is_dsn_report(parsed: Parsed) -> bool:
     ctype = parsed.header("Content-Type").lower()
     if "multipart/report" in ctype and "delivery-status" in ctype:
         return True
-    if parsed.message is None:
-        return False
-    return any(part.get_content_type() in _DSN_PARTS for part in parsed.message.walk())
+    return any(content_type in _DSN_PARTS for content_type in parsed.content_types)
 
 
 def is_bounce(parsed: Parsed, envelope_from: str) -> bool:
@@ -55,9 +64,7 @@ def is_bounce(parsed: Parsed, envelope_from: str) -> bool:
 
 
 def _quotes_a_message(parsed: Parsed) -> bool:
-    if parsed.message is None:
-        return False
-    return any(part.get_content_type() in ("message/rfc822", "text/rfc822-headers") for part in parsed.message.walk())
+    return any(content_type in ("message/rfc822", "text/rfc822-headers") for content_type in parsed.content_types)
 
 
 def is_auto_reply(parsed: Parsed) -> bool:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from mailer import classify, tracking
+from mailer import tracking
 from mailer.classify import MessageKind
 from mailer.models import Attachment, Report, ReportKey, ReportMessage, ReportState
 from mailer.parsing import FIELDS, extract_fields, merge_fields
+from mailer.prepare import traits
 from mailer.processing import Processing, openpgp_summary
 
 
@@ -55,14 +56,14 @@ def _finish(ctx: Processing) -> None:
 def file_report(ctx: Processing) -> None:
     """A new report with a tracking id; the policy's fields are read from its text."""
     m, pgp = ctx.m, ctx.protected
-    if ctx.fields is not None:  # read before the write transaction (prepare.read_fields)
+    if ctx.fields is not None:  # read before the write transaction (prepare.inspect)
         fields, missing = ctx.fields
     else:
         fields, missing = extract_fields(ctx.text) if m.error is None else ({}, list(FIELDS))
     flags: dict[str, object] = {"unparseable": m.error} if m.error else {}
     if ctx.encrypted_input:
         flags["encrypted"] = True
-    automated = classify.no_reply_reason(m, ctx.envelope_from, ctx.config.service.contact)
+    automated = traits(ctx).no_reply
     if automated is not None:
         flags["automated"] = automated
     if ctx.envelope_unknown:

@@ -16,14 +16,13 @@ from sqlalchemy import select
 
 from mailer import commands, tracking
 from mailer.authn import Authenticated, Refused, authenticate
-from mailer.classify import no_reply_reason
 from mailer.commands import LeakAlert, MaintainersTold, MembersTold, ReporterReply, ReporterStatus
 from mailer.config import Maintainer
 from mailer.correspondence import reporter_key
 from mailer.models import CommandSignature, EmbargoMember, Report, ReportMessage, ScheduledMail
 from mailer.openpgp import CryptoError
 from mailer.outgoing import MailKind, Outgoing
-from mailer.prepare import claimed_maintainer
+from mailer.prepare import claimed_maintainer, traits
 from mailer.processing import Processing
 from mailer.schedule import format_local
 from mailer.scheduler import facts_from_report
@@ -159,7 +158,7 @@ def _refuse(ctx: Processing, reason: str) -> None:
     ctx.event("command.refused", reason=reason, message_id=ctx.m.message_id)
     log.warning("command message %s refused: %s", ctx.inbound.id, reason)
     maintainer = claimed_maintainer(ctx)
-    if maintainer is None or no_reply_reason(ctx.m, ctx.envelope_from, ctx.config.service.contact):
+    if maintainer is None or traits(ctx).no_reply:
         return
     # Sent to the configured address, not the (forgeable) sender: a forgery alerts the real maintainer.
     _reply_to_maintainer(ctx, maintainer, "Commands refused", "refused.txt.j2", {"reason": reason})

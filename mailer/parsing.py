@@ -7,14 +7,15 @@ reach an outgoing header goes through :func:`header_safe`.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
-from email import policy
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 from email.utils import getaddresses, parseaddr
 
 from mailer.config import ParsingConfig
+from mailer.headers import DEFAULT as RECEIVED
 from mailer.text import header_safe
 
 # The fields the security policy asks reporters for.
@@ -93,6 +94,11 @@ class Parsed:
     def header(self, name: str) -> str:
         return str(self.headers.get(name, "") or "")
 
+    @functools.cached_property
+    def content_types(self) -> tuple[str, ...]:
+        """The content type of every part, the message itself first (none when the body did not parse)."""
+        return () if self.message is None else tuple(part.get_content_type() for part in self.message.walk())
+
 
 def _msgids(value: str) -> list[str]:
     return re.findall(r"<[^<>\s]+>", value or "")
@@ -160,7 +166,7 @@ def parse_message(raw: bytes, limits: ParsingConfig) -> Parsed:
     attachments: list[AttachmentData] = []
     try:
         _count_structure(normalised, limits)
-        parsed = BytesParser(policy=policy.default).parsebytes(normalised)
+        parsed = BytesParser(policy=RECEIVED).parsebytes(normalised)
         _depth(parsed, limits)
         assert isinstance(parsed, EmailMessage)
         message = parsed
@@ -170,7 +176,7 @@ def parse_message(raw: bytes, limits: ParsingConfig) -> Parsed:
     except RecursionError:
         error = "MIME structure too deeply nested"
     # the whole message's headers when it parsed; else its header block alone (it is never out of bounds)
-    headers = message if message is not None else BytesParser(policy=policy.default).parsebytes(
+    headers = message if message is not None else BytesParser(policy=RECEIVED).parsebytes(
         normalised, headersonly=True)
     try:
         subject = str(headers.get("Subject", "") or "")

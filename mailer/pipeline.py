@@ -6,16 +6,16 @@ kind. All steps of one message run in one database transaction (the worker's):
 the report, its events and its outgoing mail are committed together or not at
 all. A step that raises is re-raised as :class:`StepError` naming it.
 
-    parse → unwrap_openpgp → count_acks → read_fields → classify ─┬─ new       → file_report, bind_keys, acknowledge, notify_maintainers
-                                                                  ├─ followup  → thread, bind_keys, notify_maintainers
-                                                                  ├─ bounce    → thread
-                                                                  ├─ autoreply → thread
-                                                                  ├─ command   → run_commands
-                                                                  ├─ sendkey   → answer_sendkey
-                                                                  └─ ignored   → ignore
+    parse → unwrap_openpgp → count_acks → inspect → classify ─┬─ new       → file_report, bind_keys, acknowledge, notify_maintainers
+                                                              ├─ followup  → thread, bind_keys, notify_maintainers
+                                                              ├─ bounce    → thread
+                                                              ├─ autoreply → thread
+                                                              ├─ command   → run_commands
+                                                              ├─ sendkey   → answer_sendkey
+                                                              └─ ignored   → ignore
 
 The leading steps that only read (``UNLOCKED``: parsing, decryption, counting the
-sender's recent acknowledgements, reading the policy's fields from the text) run
+sender's recent acknowledgements, what the message's text and headers say) run
 first, in a read transaction, so the write transaction (SQLite's single writer)
 holds the lock only for the rest.
 """
@@ -29,13 +29,13 @@ from mailer.classify import MessageKind
 from mailer.errors import StepError
 from mailer.filing import bind_keys, file_report, ignore, thread
 from mailer.maintainers import run_commands
-from mailer.prepare import classify, parse, read_fields, unwrap_openpgp
+from mailer.prepare import classify, inspect, parse, unwrap_openpgp
 from mailer.processing import Processing, Step
 from mailer.replies import acknowledge, answer_sendkey, count_acks, notify_maintainers
 
-PREPARE: tuple[Step, ...] = (parse, unwrap_openpgp, count_acks, read_fields, classify)
+PREPARE: tuple[Step, ...] = (parse, unwrap_openpgp, count_acks, inspect, classify)
 #: the steps that only read (the message, the keyring, committed rows): run before the write transaction
-UNLOCKED: frozenset[Step] = frozenset({parse, unwrap_openpgp, count_acks, read_fields})
+UNLOCKED: frozenset[Step] = frozenset({parse, unwrap_openpgp, count_acks, inspect})
 
 ROUTES: Mapping[MessageKind, tuple[Step, ...]] = {
     MessageKind.NEW: (file_report, bind_keys, acknowledge, notify_maintainers),

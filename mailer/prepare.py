@@ -1,4 +1,4 @@
-"""The steps every message takes before its route is chosen: parse → unwrap_openpgp → read_fields → classify.
+"""The steps every message takes before its route is chosen: parse → unwrap_openpgp → inspect → classify.
 
 ``classify`` decides once, up front, what the message is (:class:`MessageKind`);
 the kind names the route it then follows (``mailer.pipeline.ROUTES``). No
@@ -15,7 +15,7 @@ from sqlalchemy import select
 from mailer import classify as rules
 from mailer import commands, tracking
 from mailer.authn import maintainer_by_address, maintainer_by_fingerprint
-from mailer.classify import MessageKind
+from mailer.classify import MessageKind, Traits
 from mailer.config import Maintainer
 from mailer.models import Report, ReportMessage
 from mailer.parsing import FIELDS, UNKNOWN_ENVELOPE, envelope_address, extract_fields, parse_message
@@ -51,9 +51,21 @@ def unwrap_openpgp(ctx: Processing) -> None:
     ctx.encrypted_input = pgp.encrypted or pgp.encrypted_seen or any(m in markers for m in _ENCRYPTED_MARKERS)
 
 
-def read_fields(ctx: Processing) -> None:
-    """The policy's fields in the message's text, read before the write transaction (filing a report uses them)."""
+def inspect(ctx: Processing) -> None:
+    """What the message says, read before the write transaction: the policy's fields (filing a report
+    uses them) and the traits classification and the answers go by (:func:`traits`)."""
     ctx.fields = extract_fields(ctx.text) if ctx.m.error is None else ({}, list(FIELDS))
+    traits(ctx)
+
+
+def traits(ctx: Processing) -> Traits:
+    """Bounce, auto-reply, commands, why not to answer: from the message alone, worked out once."""
+    if ctx.traits is None:
+        m = ctx.m
+        ctx.traits = Traits(bounce=rules.is_bounce(m, ctx.envelope_from), auto_reply=rules.is_auto_reply(m),
+                            commands=commands.looks_like_commands(ctx.text),
+                            no_reply=rules.no_reply_reason(m, ctx.envelope_from, ctx.config.service.contact))
+    return ctx.traits
 
 
 def _report_by_references(ctx: Processing, msgids: Sequence[str]) -> Report | None:
@@ -94,15 +106,16 @@ def _kind(ctx: Processing) -> MessageKind:
     rcpts = {str(r).strip("<>").lower() for r in ctx.inbound.rcpt_tos}
     if ctx.config.sendkey_address in rcpts and ctx.config.service.contact not in rcpts:
         return MessageKind.SENDKEY
-    if rules.is_bounce(m, ctx.envelope_from):
+    shows = traits(ctx)
+    if shows.bounce:
         ctx.report = _report_by_references(ctx, [*m.references, *embedded_msgids(ctx.raw)])
         ctx.report = ctx.report or _report_by_tracking_id(ctx)
         return MessageKind.BOUNCE if ctx.report is not None else MessageKind.IGNORED
     ctx.report = _report_by_references(ctx, m.references) or _report_by_tracking_id(ctx)
     # Commands look like commands and claim a maintainer; they are authenticated on their route.
-    if commands.looks_like_commands(ctx.text) and claimed_maintainer(ctx) is not None:
+    if shows.commands and claimed_maintainer(ctx) is not None:
         return MessageKind.COMMAND
-    if rules.is_auto_reply(m) and ctx.report is not None:
+    if shows.auto_reply and ctx.report is not None:
         return MessageKind.AUTOREPLY
     # anything else is filed: automated mail (noreply@, the null sender, unmatched auto-replies) unanswered
     return MessageKind.FOLLOWUP if ctx.report is not None else MessageKind.NEW

@@ -20,7 +20,7 @@ from functools import cached_property
 
 from sqlalchemy.orm import Session
 
-from mailer.classify import MessageKind
+from mailer.classify import MessageKind, Traits
 from mailer.config import Config
 from mailer.correspondence import Correspondence
 from mailer.models import Event, InboundMessage, OutboxMessage, Report, ReportMessage
@@ -56,8 +56,10 @@ class Processing:
     report_message: ReportMessage | None = None
     #: the received bytes, read once: the write transaction loads the row without them
     received: bytes | None = None
-    #: the policy's fields found in :attr:`text` and the names missing (``read_fields``, before the write lock)
+    #: the policy's fields found in :attr:`text` and the names missing (``inspect``, before the write lock)
     fields: tuple[dict[str, str], list[str]] | None = None
+    #: what the message itself shows (:func:`mailer.prepare.traits`)
+    traits: Traits | None = None
 
     def carried_to(self, session: Session, inbound: InboundMessage, now: datetime) -> Processing:
         """A new context in ``session`` with what the steps run so far found (the message's views)."""
@@ -65,7 +67,7 @@ class Processing:
                           envelope_from=self.envelope_from, envelope_unknown=self.envelope_unknown,
                           message=self.message, protected=self.protected, encrypted_input=self.encrypted_input,
                           kind=self.kind, acks_sent_today=self.acks_sent_today, received=self.received,
-                          fields=self.fields)
+                          fields=self.fields, traits=self.traits)
 
     @property
     def raw(self) -> bytes:

@@ -10,12 +10,12 @@ from datetime import timedelta
 
 from sqlalchemy import func, select
 
-from mailer import classify
 from mailer.classify import MessageKind
 from mailer.models import OutboxMessage, ReportMessage, ReportState
 from mailer.outgoing import MailKind, Outgoing
 from mailer.parsing import FIELDS
 from mailer.pgpshapes import looks_encrypted
+from mailer.prepare import traits
 from mailer.processing import Processing, openpgp_summary
 from mailer.text import valid_address
 
@@ -40,7 +40,7 @@ def count_acks(ctx: Processing) -> None:
 
 def ack_blocked(ctx: Processing) -> str | None:
     """Why this message gets no automatic answer (RFC 3834, invalid sender, rate limit), or None."""
-    reason = classify.no_reply_reason(ctx.m, ctx.envelope_from, ctx.config.service.contact)
+    reason = traits(ctx).no_reply
     if reason is None and valid_address(ctx.envelope_from) is None:
         reason = "envelope sender is not a valid address"
     if reason is None:
