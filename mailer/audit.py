@@ -81,19 +81,23 @@ def chain_events(session: Session) -> None:
         return
     connection = session.connection()
     # Updating the head first takes the write lock (SQLite) / the row lock (PostgreSQL) until commit.
-    prev, length = connection.execute(
-        update(AuditHead).where(AuditHead.id == 1).values(length=AuditHead.length + len(new))
-        .returning(AuditHead.last_hash, AuditHead.length)
-    ).one()
+    prev, length = connection.execute(_EXTEND, {"count": len(new)}).one()
     links = []
     for seq, item in enumerate(new, start=length - len(new) + 1):
         digest = link(prev, canonical(item))
         links.append({"event_id": item.id, "prev": prev, "digest": digest, "position": seq})
         prev = digest
-    events = cast(Table, Event.__table__)
-    connection.execute(update(events).where(events.c.id == bindparam("event_id"))
-                       .values(prev_hash=bindparam("prev"), hash=bindparam("digest"), seq=bindparam("position")), links)
-    connection.execute(update(AuditHead).where(AuditHead.id == 1).values(last_hash=prev))
+    connection.execute(_LINK, links)
+    connection.execute(_HEAD, {"last": prev})
+
+
+# the chaining's statements, built once (each commit of a processed message runs them)
+_EVENTS = cast(Table, Event.__table__)
+_EXTEND = (update(AuditHead).where(AuditHead.id == 1).values(length=AuditHead.length + bindparam("count"))
+           .returning(AuditHead.last_hash, AuditHead.length))
+_LINK = (update(_EVENTS).where(_EVENTS.c.id == bindparam("event_id"))
+         .values(prev_hash=bindparam("prev"), hash=bindparam("digest"), seq=bindparam("position")))
+_HEAD = update(AuditHead).where(AuditHead.id == 1).values(last_hash=bindparam("last"))
 
 
 @dataclass

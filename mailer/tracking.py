@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import datetime
 from typing import Any
@@ -23,8 +24,11 @@ def find(prefix: str, text: str) -> str | None:
     return match.group(0).upper() if match else None
 
 
+@functools.lru_cache(maxsize=32)
 def _bump(name: str, dialect: str) -> Any:
-    """``INSERT … ON CONFLICT DO UPDATE SET value = value + 1 RETURNING value``: the first row is race-free too."""
+    """``INSERT … ON CONFLICT DO UPDATE SET value = value + 1 RETURNING value``: the first row is race-free too.
+
+    Built once per counter (a statement is immutable; building and hashing it anew cost more than running it)."""
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     statement = insert(Counter).values(name=name, value=1)
     return statement.on_conflict_do_update(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import mailbox
 import os
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import aiosmtplib
@@ -174,6 +175,14 @@ Attempt = tuple[OutboxMessage, DeliveryError | None]
 _RAW = cast(EncryptedBytes, cast(Table, OutboxMessage.__table__).c.raw.type)
 _SEALED = LargeBinary()
 
+@functools.lru_cache(maxsize=64)
+def _outcome_update(columns: tuple[str, ...]) -> Any:
+    """``UPDATE outbox SET <columns> WHERE id = :row_id``, built once per set of columns an outcome writes."""
+    table = cast(Table, OutboxMessage.__table__)
+    return update(table).where(table.c.id == bindparam("row_id")).values(
+        {name: bindparam(name, type_=_SEALED if name == "raw" else table.c[name].type) for name in columns})
+
+
 #: acknowledgements first (the reporters' SLA), then in the order queued
 ACKS_FIRST = (case((OutboxMessage.kind == MailKind.ACK.value, 0), else_=1), OutboxMessage.id)
 
@@ -269,9 +278,7 @@ class Sender:
                     values["raw"], values["needs_signature"] = signed[1], False
                 changes.setdefault(tuple(sorted(values)), []).append({**values, "row_id": row.id})
             for columns, params in changes.items():
-                change = update(table).where(table.c.id == bindparam("row_id")).values(
-                    {name: bindparam(name, type_=_SEALED if name == "raw" else table.c[name].type) for name in columns})
-                session.connection().execute(change, params)
+                session.connection().execute(_outcome_update(columns), params)
         for row, _ in outcomes:
             self._signed.pop(row.id, None)
 
