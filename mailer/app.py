@@ -100,7 +100,8 @@ class Service:
         self.outbox = Outbox(config, self.gpg, clock=clock)
         # the relay's last success and failure, for health (mailer.health)
         self.relay = RelayWatch(transport or transport_for(config.relay_url, config.relay), config.relay_url, clock=clock)
-        self.sender = Sender(self.db, self.relay, clock=clock, lease=config.worker.lease_seconds, signer=self.outbox.sign)
+        self.sender = Sender(self.db, self.relay, clock=clock, lease=config.worker.lease_seconds, signer=self.outbox.sign,
+                             intake_busy=lambda: self.writer.busy)
         self.worker = Worker(
             self.db, config, self.outbox, gpg=self.gpg, clock=clock, on_done=self.sender.wake.set, intake_busy=lambda: self.writer.busy
         )

@@ -30,6 +30,17 @@ def backoff(attempt: int, *, base: float, cap: float) -> float:
     return cap if math.isnan(delay) else min(delay, cap)
 
 
+async def yield_to_intake(busy: Callable[[], bool] | None, limit: float = 0.5) -> None:
+    """Let pending DATA commits go first, for a moment (at most ``limit`` s): a sender waiting for 250 matters
+    more than an ack's latency, but a flood arriving for minutes must not hold back everyone else's mail."""
+    if busy is None:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while busy() and loop.time() < deadline:
+        await asyncio.sleep(0.005)
+
+
 async def run_every(
     pass_: Callable[[], Awaitable[object]],
     *,

@@ -45,7 +45,7 @@ from mailer.clock import SYSTEM, Clock
 from mailer.config import Config
 from mailer.db import Database, claim_for, claimable, release_claims
 from mailer.errors import StepError
-from mailer.loop import backoff, run_every
+from mailer.loop import backoff, run_every, yield_to_intake
 from mailer.metrics import FAILURES, GPG
 from mailer.models import InboundMessage, InboundState
 from mailer.openpgp import OpenPGP
@@ -285,7 +285,7 @@ class Worker:
         while True:
             free = self._claimable()
             if free:
-                await self._yield_to_intake()
+                await yield_to_intake(self.intake_busy)
                 busy = frozenset(sender for _, sender in self._inflight.values())
                 self.wake.clear()
                 got = await asyncio.to_thread(self.claim, free, busy=busy, skip=frozenset(failed))
@@ -363,16 +363,6 @@ class Worker:
             log.warning("%d message(s) still being processed at the end of the shutdown grace period; "
                         "their claims expire after %.0f s", len(self._inflight), self.lease)
         return len(self._inflight)
-
-    async def _yield_to_intake(self, limit: float = 0.5) -> None:
-        """Let pending DATA commits go first, for a moment: a sender waiting for 250 matters more than an
-        ack's latency, but a flood arriving for minutes must not hold back everyone else's processing."""
-        if self.intake_busy is None:
-            return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
-        while self.intake_busy() and loop.time() < deadline:
-            await asyncio.sleep(0.005)
 
     async def run(self) -> None:
         """Process on wake-up (new mail) or every ``poll_seconds``; a failed pass (database away) is logged and retried."""

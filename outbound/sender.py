@@ -31,7 +31,7 @@ from mailer.clock import SYSTEM, Clock
 from mailer.config import RelayConfig
 from mailer.db import Database, claim_for, claimable, release_claims, renew_claims
 from mailer.errors import DeliveryError
-from mailer.loop import backoff, run_every
+from mailer.loop import backoff, run_every, yield_to_intake
 from mailer.models import Event, OutboxMessage, OutboxState, Report
 from mailer.outgoing import MailKind
 
@@ -203,8 +203,11 @@ class Sender:
     SIGNING = 4  # gpg signatures made at once (subprocesses: they use every core)
 
     def __init__(self, db: Database, transport: Transport, *, clock: Clock = SYSTEM, lease: float = 30.0,
-                 signer: Callable[[bytes, tuple[str, ...]], bytes] | None = None) -> None:
+                 signer: Callable[[bytes, tuple[str, ...]], bytes] | None = None,
+                 intake_busy: Callable[[], bool] | None = None) -> None:
         self.db = db
+        #: True while the intake commits DATA: a batch waits for it a moment (:func:`mailer.loop.yield_to_intake`)
+        self.intake_busy = intake_busy
         self.transport = transport
         #: signs mail queued unsigned (``needs_signature``): :meth:`outbound.outbox.Outbox.sign`
         self.signer = signer
@@ -324,7 +327,7 @@ class Sender:
         self.busy = True
         self._signed.clear()  # what an aborted pass signed was never stored: its rows are signed again
         try:
-            while not self.stopping.is_set() and (rows := await asyncio.to_thread(self._claim, frozenset(failed))):
+            while not self.stopping.is_set() and (rows := await self._next_batch(frozenset(failed))):
                 seen.clear()
                 self._held = [row.id for row in rows]
                 outcomes: list[Attempt] = []
@@ -371,6 +374,11 @@ class Sender:
             self._held = []
             await self._close_transport()
         return sent
+
+    async def _next_batch(self, skip: frozenset[int]) -> list[OutboxMessage]:
+        """The next rows to send, claimed once the intake's pending commits went first (it shares the cores)."""
+        await yield_to_intake(self.intake_busy)
+        return await asyncio.to_thread(self._claim, skip)
 
     async def _sign(self, rows: list[OutboxMessage]) -> dict[int, DeliveryError]:
         """Sign the rows queued unsigned, several at once; returns the rows that could not be, with the reason.
