@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import json
 import logging
@@ -74,12 +73,6 @@ def key_id(key: bytes) -> str:
     return hashlib.sha256(key).hexdigest()[:_ID_LEN]
 
 
-@functools.lru_cache(maxsize=16)
-def _cipher(key: bytes) -> AESGCM:
-    """One AES-GCM object per data key (each call takes its own nonce; the object holds only the key)."""
-    return AESGCM(key)
-
-
 @dataclass
 class DataKeyring:
     """Data keys by id; ``current`` encrypts, all decrypt."""
@@ -105,7 +98,7 @@ class DataKeyring:
 
     def _key(self, kid: str) -> AESGCM:
         try:
-            return _cipher(self.keys[kid])
+            return AESGCM(self.keys[kid])
         except KeyError:
             raise DataKeyError(f"value encrypted with data key {kid}, which is not configured ({ENV}, "
                                "[storage] data_key_file or <data_dir>/data.key)") from None

@@ -7,8 +7,8 @@ from sqlalchemy import select
 from mailer import tracking
 from mailer.classify import MessageKind
 from mailer.models import Attachment, Report, ReportKey, ReportMessage, ReportState
-from mailer.parsing import FIELDS, extract_fields, merge_fields
-from mailer.prepare import traits
+from mailer.parsing import merge_fields
+from mailer.prepare import policy_fields, traits
 from mailer.processing import Processing, openpgp_summary
 
 
@@ -56,10 +56,7 @@ def _finish(ctx: Processing) -> None:
 def file_report(ctx: Processing) -> None:
     """A new report with a tracking id; the policy's fields are read from its text."""
     m, pgp = ctx.m, ctx.protected
-    if ctx.fields is not None:  # read before the write transaction (prepare.inspect)
-        fields, missing = ctx.fields
-    else:
-        fields, missing = extract_fields(ctx.text) if m.error is None else ({}, list(FIELDS))
+    fields, missing = policy_fields(ctx)  # read before the write transaction (prepare.inspect)
     flags: dict[str, object] = {"unparseable": m.error} if m.error else {}
     if ctx.encrypted_input:
         flags["encrypted"] = True

@@ -53,9 +53,16 @@ def unwrap_openpgp(ctx: Processing) -> None:
 
 def inspect(ctx: Processing) -> None:
     """What the message says, read before the write transaction: the policy's fields (filing a report
-    uses them) and the traits classification and the answers go by (:func:`traits`)."""
-    ctx.fields = extract_fields(ctx.text) if ctx.m.error is None else ({}, list(FIELDS))
+    uses them) and the traits classification and the answers go by."""
+    policy_fields(ctx)
     traits(ctx)
+
+
+def policy_fields(ctx: Processing) -> tuple[dict[str, str], list[str]]:
+    """The policy's fields found in the message's text and the names of those missing, worked out once."""
+    if ctx.fields is None:
+        ctx.fields = extract_fields(ctx.text) if ctx.m.error is None else ({}, list(FIELDS))
+    return ctx.fields
 
 
 def traits(ctx: Processing) -> Traits:
