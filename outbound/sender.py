@@ -183,6 +183,10 @@ def _outcome_update(columns: tuple[str, ...]) -> Any:
         {name: bindparam(name, type_=_SEALED if name == "raw" else table.c[name].type) for name in columns})
 
 
+def _ids(outcomes: list[Attempt]) -> frozenset[int]:
+    return frozenset(row.id for row, _ in outcomes)
+
+
 #: acknowledgements first (the reporters' SLA), then in the order queued
 ACKS_FIRST = (case((OutboxMessage.kind == MailKind.ACK.value, 0), else_=1), OutboxMessage.id)
 
@@ -198,7 +202,7 @@ class Sender:
 
     BATCH = 50  # rows claimed at once
     CHUNK = 8  # rows signed before the first of them is sent
-    RECORD_EVERY = 10  # outcomes recorded per transaction
+    RECORD_EVERY = 10  # outcomes recorded per transaction (across batches; the rest when a pass ends)
 
     SIGNING = 4  # gpg signatures made at once (subprocesses: they use every core)
 
@@ -323,14 +327,17 @@ class Sender:
         sent = 0
         seen: set[int] = set()  # attempted in this batch (the rest is handed back)
         failed: set[int] = set()  # not taken again in this pass (sent rows are no longer due anyway)
+        # attempted, not recorded yet: recorded RECORD_EVERY at a time across batches (one write transaction
+        # per ~5 mails was a fifth of SQLite's write lock in a burst), and all of them when the pass ends.
+        # Until then they stay ours: the next claim skips them and their claims are renewed.
+        outcomes: list[Attempt] = []
         keeper = asyncio.ensure_future(self._keep_claims())
         self.busy = True
         self._signed.clear()  # what an aborted pass signed was never stored: its rows are signed again
         try:
-            while not self.stopping.is_set() and (rows := await self._next_batch(frozenset(failed))):
+            while not self.stopping.is_set() and (rows := await self._next_batch(frozenset(failed) | _ids(outcomes))):
                 seen.clear()
-                self._held = [row.id for row in rows]
-                outcomes: list[Attempt] = []
+                self._held = [row.id for row in rows] + sorted(_ids(outcomes))
                 # signed a chunk at a time, the next chunk while this one is sent: the first mail
                 # goes out after a few signatures, not after the whole batch's
                 chunks = [rows[i:i + self.CHUNK] for i in range(0, len(rows), self.CHUNK)]
@@ -344,18 +351,11 @@ class Sender:
                             if self.stopping.is_set():
                                 break
                             seen.add(row.id)
-                            if row.id in unsigned:  # signing failed: a temporary failure, tried again later
-                                outcomes.append((row, unsigned[row.id]))
+                            outcomes.append(attempt := await self._attempt(row, unsigned))
+                            if attempt[1] is None:
+                                sent += 1
+                            else:
                                 failed.add(row.id)
-                                continue
-                            error: DeliveryError | None = None
-                            try:
-                                await self.transport.send(Envelope(row.mail_from, list(row.rcpt_tos), row.raw))
-                            except DeliveryError as exc:
-                                error = exc
-                                failed.add(row.id)
-                            outcomes.append((row, error))
-                            sent += error is None
                             if len(outcomes) >= self.RECORD_EVERY:
                                 await self._flush(outcomes)
                         if self.stopping.is_set():
@@ -367,13 +367,26 @@ class Sender:
                     unsent = [row.id for row in rows if row.id not in seen]
                     for row_id in unsent:
                         self._signed.pop(row_id, None)
-                    await asyncio.shield(self._settle(outcomes, unsent))
+                    full = self.stopping.is_set() or len(outcomes) >= self.RECORD_EVERY
+                    await asyncio.shield(self._settle(outcomes if full else [], unsent))
         finally:
+            # the pass ended (nothing more due, shutdown, or an error): every attempt is recorded, shielded
+            await asyncio.shield(self._settle(outcomes, []))
             self.busy = False
             keeper.cancel()
             self._held = []
             await self._close_transport()
         return sent
+
+    async def _attempt(self, row: OutboxMessage, unsigned: dict[int, DeliveryError]) -> Attempt:
+        """One row handed to the relay, or why not: its refusal, or its signing failed (a temporary failure)."""
+        if row.id in unsigned:
+            return row, unsigned[row.id]
+        try:
+            await self.transport.send(Envelope(row.mail_from, list(row.rcpt_tos), row.raw))
+        except DeliveryError as exc:
+            return row, exc
+        return row, None
 
     async def _next_batch(self, skip: frozenset[int]) -> list[OutboxMessage]:
         """The next rows to send, claimed once the intake's pending commits went first (it shares the cores)."""
@@ -421,6 +434,7 @@ class Sender:
         await asyncio.to_thread(self._record_many, batch)
 
     async def _settle(self, outcomes: list[Attempt], unsent: list[int]) -> None:
+        """Record ``outcomes`` (the list is emptied) and hand back the claims on ``unsent``."""
         if outcomes:
             await self._flush(outcomes)
         if unsent:

@@ -200,3 +200,36 @@ async def test_a_long_drain_sends_every_batch_acks_first_and_skips_only_what_fai
     # the first batch of 50 holds the 20 acks, and they go first (in the order the relay got them)
     maintainers = {"mara@project.test", "max@project.test"}
     assert [not set(m.rcpt_tos) & maintainers for m in relay.messages] == [True] * 20 + [False] * 40
+
+
+async def test_outcomes_are_recorded_across_batches_and_an_unrecorded_row_is_never_claimed_again(
+    service: Service, relay: CaptureRelay
+) -> None:
+    """Outcomes wait for RECORD_EVERY of them across claimed batches: the rows sent but not recorded yet are
+    skipped by the next claim (sent once), and every outcome is recorded when the pass ends."""
+    port = smtp_port(service)
+    for i in range(10):  # 10 acks and 20 notices
+        await asend(port, report_bytes(msgid=f"<rec-{i}@reporter.test>"), sender=f"r{i}@reporter.test")
+    await service.worker.drain()
+    sender = service.sender
+    sender.BATCH, sender.RECORD_EVERY = 4, 9  # type: ignore[misc]
+    skips: list[frozenset[int]] = []
+    recorded: list[int] = []
+    claim, record = sender._claim, sender._record_many
+
+    def claiming(skip: frozenset[int] = frozenset()) -> list[OutboxMessage]:
+        skips.append(skip)
+        return claim(skip)
+
+    def recording(outcomes: list[tuple[OutboxMessage, object]]) -> None:
+        recorded.append(len(outcomes))
+        record(outcomes)  # type: ignore[arg-type]
+
+    sender._claim = claiming  # type: ignore[method-assign]
+    sender._record_many = recording  # type: ignore[method-assign]
+    assert await sender.drain() == 30
+    assert all(r.state == "sent" and r.attempts == 1 for r in rows(service))
+    assert len(relay.messages) == 30 and len({m.message["Message-ID"] for m in relay.messages}) == 30
+    # 7 batches of 4, one of 2 and the empty claim; what was sent and not recorded yet was skipped
+    assert [len(s) for s in skips] == [0, 4, 8, 3, 7, 2, 6, 1, 3]
+    assert recorded == [9, 9, 9, 3]  # not one transaction per batch of 4
