@@ -328,7 +328,7 @@ class Sender:
         seen: set[int] = set()  # attempted in this batch (the rest is handed back)
         failed: set[int] = set()  # not taken again in this pass (sent rows are no longer due anyway)
         # attempted, not recorded yet: recorded RECORD_EVERY at a time across batches (one write transaction
-        # per ~5 mails was a fifth of SQLite's write lock in a burst), and all of them when the pass ends.
+        # per ~5 mails was a sixth of SQLite's write lock in a burst), and all of them when the pass ends.
         # Until then they stay ours: the next claim skips them and their claims are renewed.
         outcomes: list[Attempt] = []
         keeper = asyncio.ensure_future(self._keep_claims())
