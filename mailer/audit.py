@@ -5,7 +5,7 @@ event before it, over the whole database), ``hash`` (SHA-256 of ``prev_hash``
 and the event's canonical content) and ``seq``, its place in the chain. The
 chain is extended when the transaction that adds the events commits
 (:func:`chain_events`, a ``before_commit`` hook; :func:`collect_events`
-notes the events each flush inserts): the single
+notes the events each flush inserts, by the ORM or by :mod:`mailer.inserts`): the single
 :class:`~mailer.models.AuditHead` row is updated first, which serialises the
 writers' chaining on both SQLite and PostgreSQL, so the chain stays linear
 with several instances. On PostgreSQL the ids of concurrent transactions'
@@ -55,11 +55,10 @@ def link(prev_hash: str, content: bytes) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + b"\n" + content).hexdigest()
 
 
-def collect_events(session: Session, _flush_context: object) -> None:
-    """``after_flush``: note the events just inserted (ids are known now), to be chained at commit."""
-    new = [obj for obj in session.new if isinstance(obj, Event)]
-    if new:
-        session.info.setdefault(_UNCHAINED, []).extend(new)
+def collect_events(session: Session, instance: object) -> None:
+    """``pending_to_persistent``: note an event just inserted (its id is known now), to be chained at commit."""
+    if isinstance(instance, Event):
+        session.info.setdefault(_UNCHAINED, []).append(instance)
 
 
 def forget_events(session: Session, previous: SessionTransaction) -> None:

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mailer.audit import chain_events, collect_events, forget_events
 from mailer.errors import DatabaseNotMigrated, MailerError
+from mailer.inserts import insert_pending
 from mailer.models import InboundMessage, Lease, OutboxMessage
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
@@ -148,7 +149,9 @@ class Database:
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # the audit chain (mailer.audit): events noted at each flush, chained once at commit
-        event.listen(self._sessions, "after_flush", collect_events)
+        event.listen(self._sessions, "pending_to_persistent", collect_events)
+        # new rows by Core inserts, ahead of the unit of work (mailer.inserts): less time under SQLite's write lock
+        event.listen(self._sessions, "before_flush", insert_pending)
         event.listen(self._sessions, "before_commit", chain_events)
         event.listen(self._sessions, "after_soft_rollback", forget_events)
         # SQLite has one writer; queueing our own threads and processes on a lock is far
