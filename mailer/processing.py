@@ -54,7 +54,7 @@ class Processing:
     acks_sent_today: int | None = None
     report: Report | None = None
     report_message: ReportMessage | None = None
-    #: the received bytes, read once: the write transaction loads the row without them
+    #: the received bytes, read once (the write transaction takes the read phase's row as it is)
     received: bytes | None = None
     #: the policy's fields found in :attr:`text` and the names missing (``inspect``, before the write lock)
     fields: tuple[dict[str, str], list[str]] | None = None

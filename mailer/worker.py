@@ -38,7 +38,6 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select
-from sqlalchemy.orm import defer
 
 from mailer import logs, workerproc
 from mailer.clock import SYSTEM, Clock
@@ -181,18 +180,21 @@ class Worker:
         try:
             # parsing and decryption first, outside the write transaction (SQLite has one writer)
             with self.db.reading() as session:
-                inbound = self._ours(session.get(InboundMessage, inbound_id), inbound_id)
-                if inbound is None:
+                inbound = session.get(InboundMessage, inbound_id)
+                if inbound is None or not self._ours(inbound.state, inbound.claimed_by, inbound_id):
                     return Outcome(inbound_id)
                 read = Processing(session, self.config, self.postman, self.gpg, inbound, self.clock())
                 self.pipeline.read(read)
             with self.db.session() as session:
-                # the row lock: a second instance whose claim raced ours waits here, then sees it done
-                # without its bytes: the read phase has them (under the lock, no blob is read and decrypted again)
-                inbound = self._ours(session.get(InboundMessage, inbound_id, with_for_update=True,
-                                                 options=[defer(InboundMessage.raw)]), inbound_id)
-                if inbound is None:
+                # the row lock: a second instance whose claim raced ours waits here, then sees it done.
+                # Only what may have changed since the read phase is read again (the state, the claim);
+                # the row itself is the read phase's, joined to this session as it is (no second load)
+                current = session.execute(select(InboundMessage.state, InboundMessage.claimed_by)
+                                          .where(InboundMessage.id == inbound_id).with_for_update()).one_or_none()
+                if current is None or not self._ours(current.state, current.claimed_by, inbound_id):
                     return Outcome(inbound_id)
+                inbound = read.inbound
+                session.add(inbound)
                 ctx = read.carried_to(session, inbound, self.clock())
                 self.pipeline.write(ctx)
                 inbound.state = InboundState.DONE.value
@@ -206,14 +208,14 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - e.g. the database went away mid-commit
             return self._record_failure(inbound_id, "commit", exc)
 
-    def _ours(self, inbound: InboundMessage | None, inbound_id: int) -> InboundMessage | None:
-        """The message when it is still waiting and not taken over by another instance."""
-        if inbound is None or inbound.state not in WAITING:
-            return None
-        if inbound.claimed_by not in (None, self.db.owner):
-            log.info("message %s was taken over by %s (our claim expired); skipped", inbound_id, inbound.claimed_by)
-            return None
-        return inbound
+    def _ours(self, state: str, claimed_by: str | None, inbound_id: int) -> bool:
+        """Whether the message is still waiting and not taken over by another instance."""
+        if state not in WAITING:
+            return False
+        if claimed_by not in (None, self.db.owner):
+            log.info("message %s was taken over by %s (our claim expired); skipped", inbound_id, claimed_by)
+            return False
+        return True
 
     def _record_failure(self, inbound_id: int, step: str, exc: BaseException) -> Outcome:
         log.error("message %s failed in step %s: %s", inbound_id, step, exc, exc_info=exc)
