@@ -127,9 +127,9 @@ State = InstanceState[Any]
 Links = dict[State, list[tuple[State, str, str]]]
 
 
-def insert_pending(session: Session, _flush_context: object, _instances: object) -> None:
+def insert_pending(session: Session, _flush_context: object, instances: object) -> None:
     """``before_flush``: write the session's new objects with Core inserts when all of them can be (see the module)."""
-    if not session.new:
+    if not session.new or instances is not None:  # a flush of some objects only: the ORM's
         return
     plans: dict[State, _Plan] = {}
     for obj in session.new:
