@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 
 from mailer.classify import MessageKind
 from mailer.models import OutboxMessage, ReportMessage, ReportState
@@ -19,15 +19,17 @@ from mailer.prepare import traits
 from mailer.processing import Processing, openpgp_summary
 from mailer.text import valid_address
 
+# built once (every message counts its sender's acks; building the statement cost more than running it)
+_ACKS_SINCE = select(func.count(OutboxMessage.id)).where(
+    OutboxMessage.rate_key == bindparam("address"),
+    OutboxMessage.kind == MailKind.ACK.value,
+    OutboxMessage.created_at >= bindparam("since", type_=OutboxMessage.created_at.type),
+)
+
 
 def acks_sent_today(ctx: Processing, address: str) -> int:
-    query = select(func.count(OutboxMessage.id)).where(
-        OutboxMessage.rate_key == address,
-        OutboxMessage.kind == MailKind.ACK.value,
-        OutboxMessage.created_at >= ctx.now - timedelta(days=1),
-    )
     with ctx.session.no_autoflush:  # counts acks committed before: nothing pending changes it
-        return ctx.session.scalar(query) or 0
+        return ctx.session.scalar(_ACKS_SINCE, {"address": address, "since": ctx.now - timedelta(days=1)}) or 0
 
 
 def count_acks(ctx: Processing) -> None:
