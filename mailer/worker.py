@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, bindparam, func, or_, select
 
 from mailer import logs, workerproc
 from mailer.clock import SYSTEM, Clock
@@ -55,6 +55,9 @@ from mailer.processing import Processing
 log = logging.getLogger(__name__)
 
 WAITING = (InboundState.RECEIVED.value, InboundState.RETRY.value)
+#: what may have changed of a message between the read phase and the write (built once: run for every message)
+_CURRENT = (select(InboundMessage.state, InboundMessage.claimed_by).where(InboundMessage.id == bindparam("id"))
+            .with_for_update())
 
 
 @dataclass(frozen=True)
@@ -189,8 +192,7 @@ class Worker:
                 # the row lock: a second instance whose claim raced ours waits here, then sees it done.
                 # Only what may have changed since the read phase is read again (the state, the claim);
                 # the row itself is the read phase's, joined to this session as it is (no second load)
-                current = session.execute(select(InboundMessage.state, InboundMessage.claimed_by)
-                                          .where(InboundMessage.id == inbound_id).with_for_update()).one_or_none()
+                current = session.execute(_CURRENT, {"id": inbound_id}).one_or_none()
                 if current is None or not self._ours(current.state, current.claimed_by, inbound_id):
                     return Outcome(inbound_id)
                 inbound = read.inbound
