@@ -5,7 +5,8 @@ outgoing mail, the events) and nothing else; the ORM's unit of work spends more
 time sorting and bookkeeping them than SQLite spends writing them, and on SQLite
 all of it is time under the single write lock. :func:`insert_pending` (a
 ``before_flush`` hook) writes the session's new objects itself, table by table in
-foreign-key order, one multi-row statement each, and hands them back to the
+foreign-key order, one multi-row statement each (on SQLite, a table without an
+insert sentinel gets one statement per row, as from the ORM), and hands them back to the
 session exactly as a flush would (persistent, history reset, in the
 transaction's new objects so a rollback, savepoint included, expunges them; the
 ``pending_to_persistent`` event fires). Whatever it does not fully understand it
@@ -23,6 +24,7 @@ and no default: there are no server defaults in this schema).
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -50,9 +52,10 @@ class _Plan:
 _NO_DEFAULT = object()
 #: objects this module wrote in this process (the ORM wrote the others)
 written = 0
-_plans: dict[Mapper[Any], _Plan | None] = {}
-#: classes whose rows only a parent's collection links to their parent (no relationship back to it)
-_collected_only: set[Mapper[Any]] = set()
+#: per registry: each class's plan (None: the ORM writes its rows), and the classes whose rows only a
+#: parent's collection links to their parent (no relationship back to it)
+_registries: dict[Any, tuple[dict[Mapper[Any], _Plan | None], frozenset[Mapper[Any]]]] = {}
+_planning = threading.Lock()
 
 
 def _default(column: Column[Any]) -> Any:
@@ -90,10 +93,7 @@ def _columns(mapper: Mapper[Any], table: Table, pk: Any) -> list[tuple[str, Colu
     return columns
 
 
-def _plan(mapper: Mapper[Any]) -> _Plan | None:
-    if mapper in _plans:
-        return _plans[mapper]
-    _plans[mapper] = None
+def _plan(mapper: Mapper[Any], collected_only: set[Mapper[Any]]) -> _Plan | None:
     table = mapper.local_table
     pk = list(mapper.primary_key)
     if not (isinstance(table, Table) and mapper.inherits is None and not mapper.polymorphic_map and len(pk) == 1
@@ -115,11 +115,24 @@ def _plan(mapper: Mapper[Any]) -> _Plan | None:
             children.append((rel.key, tuple((_key(rel.mapper, remote), _key(mapper, local))
                                             for local, remote in rel.local_remote_pairs)))
             if not (rel.back_populates or rel.backref):
-                _collected_only.add(rel.mapper)
+                collected_only.add(rel.mapper)
     order = [t.name for t in table.metadata.sorted_tables].index(table.name)
     statement = insert(table).returning(table.c[pk[0].name], sort_by_parameter_order=True)
-    plan = _plans[mapper] = _Plan(table, order, statement, tuple(columns), tuple(parents), tuple(children))
-    return plan
+    return _Plan(table, order, statement, tuple(columns), tuple(parents), tuple(children))
+
+
+def _plans_of(registry: Any) -> tuple[dict[Mapper[Any], _Plan | None], frozenset[Mapper[Any]]]:
+    """The plans of every class of the registry, made once (all at once: which classes a parent's collection
+    alone links to is known only from all of them)."""
+    known = _registries.get(registry)
+    if known is None:
+        with _planning:
+            known = _registries.get(registry)
+            if known is None:
+                collected_only: set[Mapper[Any]] = set()
+                plans = {mapper: _plan(mapper, collected_only) for mapper in registry.mappers}
+                known = _registries[registry] = (plans, frozenset(collected_only))
+    return known
 
 
 State = InstanceState[Any]
@@ -132,17 +145,16 @@ def insert_pending(session: Session, _flush_context: object, instances: object) 
     if not session.new or instances is not None:  # a flush of some objects only: the ORM's
         return
     plans: dict[State, _Plan] = {}
+    registries: dict[Any, frozenset[Mapper[Any]]] = {}
     for obj in session.new:
         state: State = inspect(obj)
-        if state.mapper not in _plans:  # every class of the registry at once: _collected_only is complete
-            for mapper in state.mapper.registry.mappers:
-                _plan(mapper)
-        plan = _plans[state.mapper]
+        known, registries[state.mapper.registry] = _plans_of(state.mapper.registry)
+        plan = known.get(state.mapper)
         dispatch = state.mapper.dispatch
         if plan is None or state.dict.get("id") is not None or dispatch.before_insert or dispatch.after_insert:
             return
         plans[state] = plan
-    linked = _links(session, plans)
+    linked = _links(session, plans, frozenset().union(*registries.values()))
     if linked is None:
         return
     _write(session, plans, *linked)
@@ -151,7 +163,8 @@ def insert_pending(session: Session, _flush_context: object, instances: object) 
     written += len(plans)
 
 
-def _links(session: Session, plans: dict[State, _Plan]) -> tuple[Links, dict[State, dict[str, Any]]] | None:
+def _links(session: Session, plans: dict[State, _Plan],
+           collected_only: frozenset[Mapper[Any]]) -> tuple[Links, dict[State, dict[str, Any]]] | None:
     """The foreign keys the relationships set: those known now (existing parents), those known once a new
     parent is written; ``None`` when the ORM must do it (a dependency this module does not write)."""
     from_parents: Links = defaultdict(list)
@@ -184,7 +197,7 @@ def _links(session: Session, plans: dict[State, _Plan]) -> tuple[Links, dict[Sta
                 from_parents[state].extend((child_state, fk, local) for fk, local in pairs)
     # a new child of such a collection whose parent is not new here (an existing row): the ORM's
     children = {child for links in from_parents.values() for child, _fk, _key in links}
-    if any(state.mapper in _collected_only and state not in children for state in plans):
+    if any(state.mapper in collected_only and state not in children for state in plans):
         return None
     return from_parents, known
 

@@ -138,3 +138,20 @@ def test_an_object_with_its_own_id_is_left_to_the_orm(db: Database) -> None:
     assert inserts.written == before
     with db.reading() as session:
         assert session.scalar(select(Report.tracking_id).where(Report.id == 4242)) == "SEC-4"
+
+
+def test_a_class_with_insert_listeners_is_left_to_the_orm(db: Database) -> None:
+    """A mapper event of the application (here: one that stamps the actor) must still run."""
+    def stamp(_mapper: object, _connection: object, target: Event) -> None:
+        target.actor = "stamped"
+
+    event.listen(Event, "before_insert", stamp)
+    try:
+        before = inserts.written
+        with db.session() as session:
+            session.add(Event(kind="listened", at=NOW))
+        assert inserts.written == before
+    finally:
+        event.remove(Event, "before_insert", stamp)
+    with db.reading() as session:
+        assert session.scalars(select(Event.actor)).all() == ["stamped"]
