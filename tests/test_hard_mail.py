@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import quopri
+import random
 import subprocess
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from inbound.imap_client import return_path
+from mailer import parsing
 from mailer.app import Service
 from mailer.intake import Received, store_batch
 from mailer.models import Attachment, Event, InboundMessage, Report, ReportMessage
@@ -383,6 +385,22 @@ def test_versions_are_recognised_in_prose() -> None:
         assert fields["versions"] == expected and "versions" not in missing
     fields, missing = extract_fields("The server at 192.168.1.1 crashes, see line 42.")
     assert "versions" in missing
+
+
+def test_the_heading_prefilter_never_hides_a_heading() -> None:
+    """extract_fields skips the heading pattern on lines with a character no heading has: over random
+    lines of heading-ish pieces, the skip never changes whether a line is a heading."""
+    rng = random.Random(11)
+    pieces = [*"abcXYZ ()/#*:\t\u00a0\u2003.,1-_\u00e9\u3000", "Steps to reproduce", "Versions", "## ", "**"]
+    headings = 0
+    for _ in range(50_000):
+        line = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        if parsing._HEADING.match(line) is not None:
+            headings += 1
+            assert parsing._NOT_HEADING.search(line) is None, repr(line)
+    assert headings > 1000  # the lines do include headings
+    fields, _ = extract_fields("## Steps to reproduce\nrun it.\n**Versions**\n1.2.3\n")
+    assert fields["steps"] == "run it." and fields["versions"] == "1.2.3"
 
 
 async def test_followup_supplies_missing_fields(service: Service, relay: CaptureRelay) -> None:
