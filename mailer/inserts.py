@@ -56,6 +56,9 @@ written = 0
 #: parent's collection links to their parent (no relationship back to it)
 _registries: dict[Any, tuple[dict[Mapper[Any], _Plan | None], frozenset[Mapper[Any]]]] = {}
 _planning = threading.Lock()
+#: how the flush makes its written objects persistent (SQLAlchemy's own, not public API): a release without it
+#: leaves every flush to the ORM (and tests/test_inserts.py fails, saying so)
+_REGISTER = hasattr(Session, "_register_persistent")
 
 
 def _default(column: Column[Any]) -> Any:
@@ -142,7 +145,7 @@ Links = dict[State, list[tuple[State, str, str]]]
 
 def insert_pending(session: Session, _flush_context: object, instances: object) -> None:
     """``before_flush``: write the session's new objects with Core inserts when all of them can be (see the module)."""
-    if not session.new or instances is not None:  # a flush of some objects only: the ORM's
+    if not _REGISTER or not session.new or instances is not None:  # a flush of some objects only: the ORM's
         return
     plans: dict[State, _Plan] = {}
     registries: dict[Any, frozenset[Mapper[Any]]] = {}
