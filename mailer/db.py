@@ -110,15 +110,38 @@ class WriteLock:
     here, the next writer wakes the moment the last one commits. The file lock
     (``flock``, released by the kernel if the process dies) serves the worker
     processes (``worker.processes``) and the CLI beside the service.
+
+    Intake goes first (:meth:`first`): a sender waits for its 250 on that commit. It holds a second
+    file lock (the gate) while it waits for its turn and commits; every other writer passes the gate
+    before it queues, so once intake waits, no writer that comes after it goes before it (a worker
+    process's next message, the sender's outcomes); it still races those already queued.
     """
 
     def __init__(self, database: Path | None) -> None:
         self._threads = threading.RLock()
         self._depth = 0  # re-entry by the holding thread: the file lock is taken once
+        self._owner: int | None = None  # the holding thread (it never waits at the gate: it is past it)
         self._path = None if database is None else database.with_name(database.name + ".writer")
         self._fd: int | None = None
+        self._gate = None if database is None else database.with_name(database.name + ".intake")
+        # two open files: flock locks of one open file do not exclude each other
+        self._gate_fds: dict[bool, int] = {}
+
+    def _gate_fd(self, first: bool) -> int:
+        fd = self._gate_fds.get(first)
+        if fd is None:
+            assert self._gate is not None
+            fd = self._gate_fds[first] = os.open(self._gate, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return fd
 
     def __enter__(self) -> None:
+        if self._gate is not None and self._owner != threading.get_ident():
+            fd = self._gate_fd(first=False)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while intake waits or writes
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        self._acquire()
+
+    def _acquire(self) -> None:
         self._threads.acquire()
         try:
             if self._depth == 0 and self._path is not None:
@@ -129,14 +152,35 @@ class WriteLock:
             self._threads.release()
             raise
         self._depth += 1
+        self._owner = threading.get_ident()
 
     def __exit__(self, *_exc: object) -> None:
         self._depth -= 1
         try:
-            if self._depth == 0 and self._fd is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            if self._depth == 0:
+                self._owner = None
+                if self._fd is not None:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._threads.release()
+
+    @contextmanager
+    def first(self) -> Iterator[None]:
+        """The writer's turn ahead of those not yet queued (intake)."""
+        if self._gate is None:
+            with self:
+                yield
+            return
+        fd = self._gate_fd(first=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            self._acquire()
+            try:
+                yield
+            finally:
+                self.__exit__()
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 class Database:
@@ -159,13 +203,16 @@ class Database:
         self._write_lock: WriteLock | None = WriteLock(self.sqlite_path()) if url.startswith("sqlite") else None
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A session whose transaction commits on success and rolls back on error."""
+    def session(self, *, first: bool = False) -> Iterator[Session]:
+        """A session whose transaction commits on success and rolls back on error.
+
+        ``first``: SQLite's writer turn ahead of the writers not yet queued (:meth:`WriteLock.first`: intake).
+        """
         if self._write_lock is None:
             with self._sessions() as session, session.begin():
                 yield session
             return
-        with self._write_lock, self._sessions() as session, session.begin():
+        with self._write_lock.first() if first else self._write_lock, self._sessions() as session, session.begin():
             yield session
 
     @contextmanager

@@ -63,7 +63,7 @@ def store_batch(db: Database, batch: list[Received]) -> list[Stored]:
     rows = [item.row() for item in batch]
     keys = [row["dedup_key"] for row in rows]
     try:
-        with db.session() as session:
+        with db.session(first=True) as session:  # a sender waits for 250 on this commit
             query = select(InboundMessage.dedup_key, InboundMessage.id).where(InboundMessage.dedup_key.in_(keys))
             known = {key: id_ for key, id_ in session.execute(query)}
             fresh: dict[str, dict[str, Any]] = {}
