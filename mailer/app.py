@@ -297,7 +297,7 @@ class Service:
         """
         loop = asyncio.get_running_loop()
         grace = self.config.service.shutdown_grace_seconds if grace is None else grace
-        deadline = loop.time() + grace - min(0.5, grace * 0.1)  # leave the process time to exit
+        deadline = loop.time() + grace - min(1.0, grace * 0.15)  # leave the process time to exit
 
         def left(share: float = 1.0) -> float:
             return max(0.0, (deadline - loop.time()) * share)
