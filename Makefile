@@ -39,6 +39,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/intake.py --json --encrypted -n 40
 	$(BIN)/python bench/intake.py --json --rate 3 --duration 10
 	$(BIN)/python bench/flood.py --json --n 200
+	$(BIN)/python bench/openpgp.py --json -n 40
+	$(BIN)/python bench/imap.py --json --messages 200
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
