@@ -17,9 +17,6 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from cvelib.cve_api import CveRecord, CveRecordValidationError
-from jsonschema import Draft202012Validator
-
 from mailer.config import Config
 from mailer.errors import MailerError
 from mailer.models import Report
@@ -147,6 +144,8 @@ def osv_record(report: Report, config: Config, *, now: datetime) -> dict[str, An
         record["severity"] = [{"type": kind, "score": report.cvss_vector}]
     if report.credit and not report.credit_none:
         record["credits"] = [{"name": report.credit, "type": "FINDER"}]
+    from jsonschema import Draft202012Validator  # imported when used: 3 MB in every process otherwise
+
     problems = [f"{'/'.join(str(p) for p in e.absolute_path) or '(record)'}: {e.message}"
                 for e in Draft202012Validator(OSV_SCHEMA).iter_errors(record)]
     if problems:
@@ -195,6 +194,8 @@ def cve5_container(report: Report, config: Config) -> dict[str, Any]:
         container["metrics"] = metrics
     if report.credit and not report.credit_none:
         container["credits"] = [{"lang": "en", "value": report.credit, "type": "finder"}]
+    from cvelib.cve_api import CveRecord, CveRecordValidationError  # imported when used: 7 MB otherwise
+
     try:
         CveRecord.validate(container)
     except CveRecordValidationError as exc:

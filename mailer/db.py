@@ -24,12 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, delete, event, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -38,6 +34,9 @@ from mailer.audit import chain_events, collect_events, forget_events
 from mailer.errors import DatabaseNotMigrated, MailerError
 from mailer.inserts import insert_pending
 from mailer.models import InboundMessage, Lease, OutboxMessage
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -76,6 +75,9 @@ def make_engine(url: str) -> Engine:
 
 
 def alembic_config(url: str) -> AlembicConfig:
+    # alembic is imported when a schema is checked or migrated: 11 MB in a worker process that does neither
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -84,11 +86,16 @@ def alembic_config(url: str) -> AlembicConfig:
 
 def upgrade(url: str) -> None:
     """Bring the schema to the newest revision."""
+    from alembic import command
+
     command.upgrade(alembic_config(url), "head")
 
 
 def check_migrated(engine: Engine, url: str) -> None:
     """:raises DatabaseNotMigrated: when the schema is not at head."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
     assert head is not None
     with engine.connect() as conn:
