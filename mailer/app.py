@@ -17,6 +17,7 @@ from typing import Any
 
 from inbound.smtp import Gate, IntakeHandler, start_listener
 from mailer import atrest, workerproc
+from mailer.atrest import install_configured as install_data_key
 from mailer.classify import is_own_address
 from mailer.clock import SYSTEM, Clock
 from mailer.config import Config, check_files, check_private_files, private_dir
@@ -28,7 +29,7 @@ from mailer.health import RelayWatch, health_path, remove_file, write_file
 from mailer.intake import IntakeWriter, Stored
 from mailer.loop import run_every
 from mailer.models import InboundMessage, OutboxMessage
-from mailer.openpgp import OpenPGP, check_versions
+from mailer.openpgp import check_versions, open_keyring
 from mailer.scheduler import Scheduler
 from mailer.worker import Worker
 from outbound.compose import autocrypt_header
@@ -45,20 +46,6 @@ def open_database(config: Config, *, check: bool = True) -> Database:
     if check:
         db.check()
     return db
-
-
-def install_data_key(config: Config) -> None:
-    """Load the data key that encrypts report content at rest (mailer.atrest) for this process."""
-    atrest.install(atrest.load_keyring(config.service.data_dir, config.storage.data_key_file))
-
-
-def open_keyring(config: Config) -> OpenPGP:
-    """The service's GnuPG home, with the configured bounds."""
-    return OpenPGP(
-        str(config.gnupg_home), passphrase=config.gnupg.secret(),
-        timeout=config.gnupg.timeout_seconds, max_output=config.gnupg.max_output_bytes,
-        decrypt_helper=config.gnupg.decrypt_helper,
-    )
 
 
 def open_scheduler(config: Config, db: Database, *, clock: Clock = SYSTEM) -> Scheduler:

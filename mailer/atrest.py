@@ -44,7 +44,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -53,6 +53,9 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
 from mailer.errors import ConfigError, MailerError
+
+if TYPE_CHECKING:
+    from mailer.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +156,11 @@ class _Process:
 
     lock = threading.Lock()
     ring: DataKeyring | None = None
+
+
+def install_configured(config: Config) -> None:
+    """Load the data key that encrypts report content at rest for this process (``storage.data_key_file``)."""
+    install(load_keyring(config.service.data_dir, config.storage.data_key_file))
 
 
 def install(ring: DataKeyring | None) -> None:

@@ -79,7 +79,7 @@ def _gnupg_filter(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
 
 def service_fingerprint(config: Config) -> str | None:
     try:
-        from mailer.app import open_keyring
+        from mailer.openpgp import open_keyring
 
         return open_keyring(config).service_fingerprint()
     except Exception:  # noqa: BLE001 - a backup without the fingerprint in its manifest is still a backup

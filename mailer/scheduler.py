@@ -182,8 +182,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ planning
 
-    def _plan(self, session: Session, now: datetime) -> tuple[list[Planned], set[str]]:
-        """The plan of every report the timeline still concerns, and the keys already recorded."""
+    def _plan(self, session: Session, now: datetime, *, due_by: datetime | None = None) -> tuple[list[Planned], set[str]]:
+        """The plan of every report the timeline still concerns (with ``due_by``: its items due by then),
+        and the keys already recorded."""
         correspondence = Correspondence(session, self.config, self.postman, self.gpg, now=now)
         known: dict[str, bool] = {}
 
@@ -195,7 +196,7 @@ class Scheduler:
         # streamed, 200 at a time: a flood leaves thousands of open reports, each row with the report's text
         reports = session.scalars(select(Report).where(Report.state.in_(sorted(PLANNED_STATES))).order_by(Report.id)
                                   .execution_options(yield_per=200))
-        items = plan_all(list(facts_of_reports(session, reports, key_ok)), self.config, now)
+        items = plan_all(facts_of_reports(session, reports, key_ok), self.config, now, due_by=due_by)
         keys = [item.key for item in items]
         recorded: set[str] = set()
         for start in range(0, len(keys), 500):
@@ -205,7 +206,7 @@ class Scheduler:
     def preview(self, at: datetime) -> list[Planned]:
         """What would go out at ``at`` (``mailer schedule run --dry-run --at ISO``): nothing is sent or recorded."""
         with self.db.session() as session:
-            items, recorded = self._plan(session, at)
+            items, recorded = self._plan(session, at, due_by=at)
             session.rollback()
         return [item for item in items if item.due_at <= at and item.key not in recorded]
 
@@ -238,7 +239,7 @@ class Scheduler:
             # planning only reads (without SQLite's write lock: it covers every open report); each item
             # is claimed, re-checked and sent in a transaction of its own (_handle)
             with self.db.reading() as session:
-                items, recorded = self._plan(session, now)
+                items, recorded = self._plan(session, now, due_by=now)
             due = [item for item in items if item.due_at <= now]
             covered = [item for item in due if item.key in recorded and item.moves_to]
             if covered:

@@ -354,22 +354,39 @@ def _preview(item: Planned, config: Config, now: datetime) -> Planned | None:
                    context=context, moves_to=None, detail={"announces": str(item.kind)})
 
 
-def plan_all(facts: Iterable[ReportFacts], config: Config, now: datetime) -> list[Planned]:
-    """Every mail of the timeline for these reports, past-due and future, sorted by due time."""
+def plan_all(facts: Iterable[ReportFacts], config: Config, now: datetime, *,
+             due_by: datetime | None = None) -> list[Planned]:
+    """Every mail of the timeline for these reports, past-due and future, sorted by due time.
+
+    With ``due_by`` only the items due by then are kept: *facts* is consumed as it comes and the rest
+    of each report's plan is dropped at once (the scheduler's pass over thousands of open reports,
+    every minute, would otherwise hold all of their plans at the same time).
+    """
     items: list[Planned] = []
     advance: dict[str, list[Planned]] = {}
+
+    def add(new: Iterable[Planned]) -> None:
+        for item in new:
+            if item.kind in (Kind.ADVANCE_NOTICE, Kind.RELEASE):
+                preview = _preview(item, config, now)
+                if preview is not None and (due_by is None or preview.due_at <= due_by):
+                    items.append(preview)
+            if due_by is None or item.due_at <= due_by:
+                items.append(item)
+
     for one in facts:
         if one.state not in PLANNED_STATES:
             continue
-        items += _embargo(one, config)
+        add(_embargo(one, config))
+        announcements = []
         for item in _announcements(one, config, now):
             if item.kind is Kind.ADVANCE_NOTICE:
                 advance.setdefault(item.key, []).append(item)
             else:
-                items.append(item)
-        items += _reminders(one, config, now)
-    items += [_merge_advance(group) for group in advance.values()]
-    items += [p for p in (_preview(i, config, now) for i in items if i.kind in (Kind.ADVANCE_NOTICE, Kind.RELEASE)) if p]
+                announcements.append(item)
+        add(announcements)
+        add(_reminders(one, config, now))
+    add(_merge_advance(group) for group in advance.values())
     return sorted(items, key=lambda item: (item.due_at, item.key))
 
 

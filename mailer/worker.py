@@ -255,6 +255,11 @@ class Worker:
         self._processes = pool
         self.concurrency = max(self.config.worker.concurrency, processes)
 
+    def process_ids(self) -> list[int]:
+        """The worker processes running now (none in thread mode, or before the first message)."""
+        pool = self._process_pool
+        return pool.pids if isinstance(pool, workerproc.ChildPool) else []
+
     def _run_one(self, loop: asyncio.AbstractEventLoop, inbound_id: int) -> asyncio.Future[Outcome]:
         if self._processes is None:
             if self._executor is None:

@@ -20,19 +20,26 @@ transactions rolled back, the parent records the failures (each message is tried
 again, and after ``max_attempts`` it is ``failed``), and starts a new pool.
 A child never outlives the service: it asks the kernel for SIGKILL when its
 parent dies (``PR_SET_PDEATHSIG``), and watches its parent besides.
+
+A child is a fresh interpreter started by :mod:`subprocess` on a socket pair
+(:func:`_bootstrap`), not by :mod:`multiprocessing`'s ``spawn``: that one also
+starts a resource tracker process (13 MB of RSS for the service's lifetime,
+for semaphores the pool never makes) and re-imports the parent's ``__main__``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import itertools
 import logging
 import math
-import multiprocessing
 import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -65,6 +72,27 @@ def tune_switching() -> None:
     sys.setswitchinterval(SWITCH_INTERVAL)
 
 
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+#: glibc malloc arenas per process. By default each thread that allocates may get an arena of its own (up to
+#: 8 per core), and memory freed in one is not reused by the others: bench/flood.py (10 000 reports) saw the
+#: service process grow by 55 MB, most of it in six thread arenas. The GIL serialises most allocations anyway.
+MALLOC_ARENAS = 1
+
+
+def limit_malloc_arenas() -> bool:
+    """Cap glibc's malloc arenas (:data:`MALLOC_ARENAS`) before this process starts threads; whether it was done.
+
+    ``MALLOC_ARENA_MAX`` in the environment (ops' choice) wins, and a C library without ``mallopt`` (musl) is
+    left as it is."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c")).mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
+    except (OSError, AttributeError):
+        return False
+
+
 @dataclass(frozen=True)
 class ServiceKey:
     """What the outbox of a child needs of the service key (read once by the parent)."""
@@ -84,16 +112,44 @@ CHILD_THREADS = 2
 
 
 def start_pool(config: Config, owner: str, key: ServiceKey, *, log_level: int, log_format: str) -> ChildPool:
-    """``worker.processes`` fresh interpreters (``spawn``: nothing of the parent's threads or connections is copied),
+    """``worker.processes`` fresh interpreters (nothing of the parent's threads or connections is copied),
     each running up to :data:`CHILD_THREADS` of the ``worker.concurrency`` messages in flight at once."""
     processes = config.worker.processes
     return ChildPool(processes, min(CHILD_THREADS, math.ceil(config.worker.concurrency / processes)),
                      (config, owner, key, os.getpid(), (log_level, log_format)))
 
 
+#: What a child runs: read the parent's ``sys.path`` and then the pool's arguments from the socket (fd in argv[1]).
+_BOOTSTRAP = ("import sys\n"
+              "from multiprocessing.connection import Connection\n"
+              "conn = Connection(int(sys.argv[1]))\n"
+              "sys.path[:] = conn.recv()\n"
+              "from mailer.workerproc import _bootstrap\n"
+              "_bootstrap(conn)\n")
+
+
+def _start_child(threads: int, init_args: tuple[Any, ...]) -> tuple[subprocess.Popen[bytes], Connection]:
+    """A fresh interpreter (the parent's, with its flags) joined to us by a socket pair."""
+    ours, theirs = socket.socketpair()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, *subprocess._args_from_interpreter_flags(),  # type: ignore[attr-defined]
+             "-c", _BOOTSTRAP, str(theirs.fileno())],
+            stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),))
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    conn = Connection(ours.detach())
+    conn.send(sys.path)
+    conn.send((threads, init_args))
+    return process, conn
+
+
 @dataclass
 class _Child:
-    process: multiprocessing.process.BaseProcess
+    process: subprocess.Popen[bytes]
     conn: Connection
     send_lock: threading.Lock
     running: dict[int, Future[Any]]
@@ -111,19 +167,14 @@ class ChildPool(Executor):
     """
 
     def __init__(self, processes: int, threads: int, init_args: tuple[Any, ...]) -> None:
-        context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._tasks = itertools.count()
         self._broken: str | None = None
         self._stopping = False
         self._children: list[_Child] = []
         for _ in range(processes):
-            ours, theirs = context.Pipe()
-            process = context.Process(target=_child_main, args=(theirs, threads, init_args), name="mailer-worker",
-                                      daemon=True)
-            process.start()
-            theirs.close()
-            child = _Child(process, ours, threading.Lock(), {})
+            process, conn = _start_child(threads, init_args)
+            child = _Child(process, conn, threading.Lock(), {})
             self._children.append(child)
             threading.Thread(target=self._results, args=(child,), name="worker-results", daemon=True).start()
 
@@ -160,8 +211,9 @@ class ChildPool(Executor):
                 future.set_result(value)
             else:
                 future.set_exception(value)
-        child.process.join(1)  # the pipe ends when the process does
-        self._break(child, f"a worker process exited (exit code {child.process.exitcode})")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.process.wait(1)  # the socket ends when the process does
+        self._break(child, f"a worker process exited (exit code {child.process.returncode})")
 
     def _break(self, gone: _Child, reason: str) -> None:
         """*gone* ended. Unless the pool was shutting down, the pool takes no more calls, each call not yet
@@ -179,7 +231,7 @@ class ChildPool(Executor):
             future.set_exception(BrokenProcessPool(reason))
         if broken:
             for c in self._children:
-                if c.process.is_alive():
+                if c.process.poll() is None:
                     c.process.kill()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -199,7 +251,20 @@ class ChildPool(Executor):
         """Wait (at most *timeout* seconds in all) for the children to exit."""
         until = None if timeout is None else time.monotonic() + timeout
         for child in self._children:
-            child.process.join(None if until is None else max(0.0, until - time.monotonic()))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.process.wait(None if until is None else max(0.0, until - time.monotonic()))
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of the children still running."""
+        return [child.process.pid for child in self._children if child.process.poll() is None]
+
+
+def _bootstrap(conn: Connection) -> None:
+    """The child's entry point (:data:`_BOOTSTRAP`), its ``sys.path`` already the parent's."""
+    limit_malloc_arenas()
+    threads, init_args = conn.recv()
+    _child_main(conn, threads, init_args)
 
 
 def _child_main(conn: Connection, threads: int, init_args: tuple[Any, ...]) -> None:
@@ -248,8 +313,9 @@ def _init(config: Config, owner: str, key: ServiceKey, parent: int, logging_: tu
     tune_switching()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop (Ctrl-C reaches the group)
     from mailer import logs
-    from mailer.app import install_data_key, open_keyring
+    from mailer.atrest import install_configured
     from mailer.db import Database
+    from mailer.openpgp import open_keyring
     from mailer.openpgp import operations as operations_module
     from mailer.openpgp import process as process_module
     from mailer.worker import Worker
@@ -258,7 +324,7 @@ def _init(config: Config, owner: str, key: ServiceKey, parent: int, logging_: tu
     logs.setup(logging.getLevelName(logging_[0]), logging_[1])
     process_module.GPG = _gpg_times  # type: ignore[attr-defined,assignment]  # the parent serves /metrics
     operations_module.GPG = _gpg_times  # type: ignore[attr-defined,assignment]  # the helper's decryptions, the agent's signatures
-    install_data_key(config)
+    install_configured(config)
     db = Database(config.database_url)
     db.owner = owner  # the claims are the parent's
     gpg = open_keyring(config)

@@ -16,7 +16,8 @@ from sqlalchemy import func, select
 
 from inbound.imap import ImapPoller, import_since
 from inbound.imap_client import uid_set
-from mailer.app import Service, install_data_key
+from mailer.app import Service
+from mailer.atrest import install_configured as install_data_key
 from mailer.config import Config
 from mailer.db import Database
 from mailer.models import InboundMessage, Report

@@ -4,7 +4,6 @@ speed is measured by bench/intake.py and bench/flood.py)."""
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 import queue
 import signal
@@ -104,7 +103,7 @@ async def test_a_worker_process_killed_mid_burst_loses_and_duplicates_nothing(st
         await asyncio.sleep(0.02)
         with started.db.session() as s:
             filed = s.scalar(select(func.count(Report.id))) or 0
-        children = [p.pid for p in multiprocessing.active_children() if p.pid not in killed]
+        children = [pid for pid in started.worker.process_ids() if pid not in killed]
         if filed >= 2 * len(killed) + 2 and children:
             os.kill(children[0], signal.SIGKILL)
             killed.add(children[0])
@@ -130,13 +129,16 @@ async def test_a_worker_process_killed_while_idle_is_replaced(started: Service, 
     to the dead one, and never answered)."""
     await asend(smtp_port(started), report_bytes(msgid="<idle-1@reporter.test>"), sender="i1@reporter.test")
     await started.settle()
-    [child] = [p for p in multiprocessing.active_children() if p.name == "mailer-worker"]
-    os.kill(child.pid, signal.SIGKILL)
-    await asyncio.to_thread(child.join, 10)
+    [child] = started.worker.process_ids()
+    os.kill(child, signal.SIGKILL)
+    for _ in range(200):  # until the pool has seen it die
+        if child not in started.worker.process_ids():
+            break
+        await asyncio.sleep(0.05)
     await asend(smtp_port(started), report_bytes(msgid="<idle-2@reporter.test>"), sender="i2@reporter.test")
     await asyncio.wait_for(started.settle(), 60)
     assert acks(relay) == Counter({"<idle-1@reporter.test>": 1, "<idle-2@reporter.test>": 1})
-    assert [p.pid for p in multiprocessing.active_children() if p.name == "mailer-worker"] != [child.pid]
+    assert started.worker.process_ids() not in ([], [child])
 
 
 def gpg_calls(operation: str) -> float:
@@ -185,3 +187,30 @@ async def test_shutdown_while_a_pass_waits_loses_no_outcome(started: Service, re
     assert await passing in (1, 2)  # the pass ends without an error
     with started.db.session() as s:
         assert list(s.scalars(select(InboundMessage.state))) == ["done", "done"]
+
+
+def test_malloc_arenas_are_capped_unless_ops_chose_their_own() -> None:
+    """`mailer serve` and each worker process cap glibc's malloc arenas (one per thread otherwise, a flood's
+    memory kept in each); MALLOC_ARENA_MAX in the environment is left to glibc."""
+    import subprocess
+    import sys
+
+    code = "from mailer.workerproc import limit_malloc_arenas; print(limit_malloc_arenas())"
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
+    theirs = subprocess.run([sys.executable, "-c", code], env={**env, "MALLOC_ARENA_MAX": "4"}, capture_output=True,
+                            text=True, timeout=60, check=True)
+    assert (ours.stdout.strip(), theirs.stdout.strip()) == ("True", "False")
+
+
+@pytest.mark.parametrize("started", [{"concurrency": 2, "processes": 1}], indirect=True)
+async def test_a_worker_process_is_a_fresh_interpreter_of_the_service(started: Service, relay: CaptureRelay) -> None:
+    """The worker process is started by the service itself (no multiprocessing helper process in between or
+    beside it) and runs the bootstrap of mailer.workerproc."""
+    await asend(smtp_port(started), report_bytes(msgid="<fresh-1@reporter.test>"), sender="f1@reporter.test")
+    await started.settle()
+    [child] = started.worker.process_ids()
+    status = Path(f"/proc/{child}/status").read_text()
+    assert f"PPid:\t{os.getpid()}" in status
+    assert b"mailer.workerproc" in Path(f"/proc/{child}/cmdline").read_bytes()
+    assert acks(relay) == Counter({"<fresh-1@reporter.test>": 1})

@@ -275,3 +275,23 @@ def test_nothing_is_due_before_its_instant() -> None:
     items = plan(complete(disclose_at=berlin(2026, 3, 30, 9)), CONFIG, now)
     assert all(item.due_at <= now for item in due(items, now))
     assert not kinds(due(items, now), Kind.RELEASE)
+
+
+def test_a_plan_cut_at_an_instant_is_exactly_what_is_due_by_then_in_the_whole_plan() -> None:
+    """plan_all(due_by=T) (the scheduler's pass: nothing else is held) keeps the full plan's items due by T, in its
+    order: previews, the shared advance notice of two reports, releases, embargo notices and reminders alike."""
+    members = (Member("a@distro.test", True, utc(2026, 3, 3)),)
+    reports = [complete(disclose_at=berlin(2026, 3, 30, 9), members=members),
+               replace(complete(disclose_at=berlin(2026, 3, 30, 14), severity="critical"), report_id=2,
+                       tracking_id="SEC-2026-0002"),
+               replace(facts(state="new", first_response_at=None, triaged_at=None, accepted_at=None), report_id=3,
+                       tracking_id="SEC-2026-0003")]
+    now = utc(2026, 3, 10)
+    whole = plan_all(reports, CONFIG, now)
+    assert {Kind.PREVIEW, Kind.ADVANCE_NOTICE, Kind.RELEASE, Kind.EMBARGO_NOTICE} <= {item.kind for item in whole}
+    sizes = []
+    for cut in (now, berlin(2026, 3, 20, 12), berlin(2026, 3, 23, 9), berlin(2026, 3, 27, 10), berlin(2026, 3, 31)):
+        expected = [item for item in whole if item.due_at <= cut]
+        assert plan_all(iter(reports), CONFIG, now, due_by=cut) == expected
+        sizes.append(len(expected))
+    assert 0 < sizes[0] < sizes[2] < sizes[-1] == len(whole)  # the cuts do cut, the last one takes all

@@ -15,7 +15,7 @@ from collections.abc import Coroutine
 from datetime import UTC, date, datetime
 from typing import Any, NoReturn
 
-from mailer import app, health
+from mailer import app, health, workerproc
 from mailer.cli.views import Subparsers, open_db, print_result
 from mailer.config import Config
 from mailer.db import upgrade as upgrade_database
@@ -34,6 +34,7 @@ def cmd_db_upgrade(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     os.umask(0o077)  # everything the service creates is private (report text, keys, the health file)
+    workerproc.limit_malloc_arenas()  # before the first thread
 
     async def serve() -> None:
         service = app.Service(config)

@@ -16,7 +16,7 @@ from mailer.config import Config
 from mailer.db import Database
 from mailer.errors import NotFound
 from mailer.models import InboundMessage, OutboxMessage, Report
-from mailer.openpgp import OpenPGP
+from mailer.openpgp import OpenPGP, open_keyring
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -121,4 +121,4 @@ def open_db(config: Config) -> Database:
 
 
 def keyring(config: Config) -> OpenPGP:
-    return app.open_keyring(config)
+    return open_keyring(config)
