@@ -142,8 +142,14 @@ def _start_child(threads: int, init_args: tuple[Any, ...]) -> tuple[subprocess.P
     finally:
         theirs.close()
     conn = Connection(ours.detach())
-    conn.send(sys.path)
-    conn.send((threads, init_args))
+    try:
+        conn.send(sys.path)
+        conn.send((threads, init_args))
+    except BaseException:  # it died at once: reaped before the error goes up
+        conn.close()
+        process.kill()
+        process.wait()
+        raise
     return process, conn
 
 
@@ -211,8 +217,11 @@ class ChildPool(Executor):
                 future.set_result(value)
             else:
                 future.set_exception(value)
-        with contextlib.suppress(subprocess.TimeoutExpired):
+        try:
             child.process.wait(1)  # the socket ends when the process does
+        except subprocess.TimeoutExpired:  # it closed the socket and lingers: it is of no use any more
+            child.process.kill()
+            child.process.wait()  # reaped here, always: no zombie, no Popen collected while it runs
         self._break(child, f"a worker process exited (exit code {child.process.returncode})")
 
     def _break(self, gone: _Child, reason: str) -> None:
